@@ -1,0 +1,40 @@
+# fsmoe — the two commands a new user runs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install lint bench clean gpu-check
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m fsmoe train --out runs/default
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check fsmoe tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/gates.py
+
+# On a machine with a CUDA GPU: CUDA-marked tests plus the layer benchmark.
+gpu-check: $(STAMP)
+	$(PY) -m pytest -q -m cuda
+	$(PY) benchmarks/gates.py --device cuda --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,113 @@
+"""The modular MoE layer: Gate → Order → Dispatch → Expert → Combine → I-Order (paper §3.1).
+
+Legend: T tokens, D model dim, E experts, e local experts, C capacity slots.
+
+Each part is passed to the constructor and can be swapped; :meth:`MoELayer.from_config` builds the
+standard parts from a :class:`MoEConfig`. The aux loss reaches the trainer through ``last_stats``, a
+frozen record set by each forward on the layer itself (no global state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from fsmoe.moe.config import MoEConfig
+from fsmoe.moe.dispatch import Dispatcher
+from fsmoe.moe.experts import Experts, build_experts
+from fsmoe.moe.gates import Gate, Routing, build_gate
+from fsmoe.moe.hooks import MoEHook
+from fsmoe.moe.order import Order, build_order
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Per-forward statistics of one MoE layer."""
+
+    aux_loss: Tensor
+    num_dropped: Tensor
+    num_assignments: int
+
+    @property
+    def dropped_fraction(self) -> float:
+        # Syncs (a .item()); call it only when logging.
+        return float(self.num_dropped.item()) / max(self.num_assignments, 1)
+
+
+class MoELayer(nn.Module):
+    """``forward(x) -> y`` for x of shape (..., D); all tokens form one routing group."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        order: Order,
+        experts: Experts,
+        dispatcher: Dispatcher | None = None,
+        hooks: Sequence[MoEHook] = (),
+    ) -> None:
+        super().__init__()
+        self.gate = gate
+        self.order = order
+        self.experts = experts
+        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        self.hooks = list(hooks)
+        self.d_model = gate.d_model
+        self.last_stats: MoEStats | None = None
+        self.last_routing: Routing | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: MoEConfig, d_model: int, dispatcher: Dispatcher | None = None,
+        hooks: Sequence[MoEHook] = (),
+    ) -> MoELayer:
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        dispatcher = dispatcher if dispatcher is not None else Dispatcher()
+        num_local = dispatcher.num_local_experts(cfg.num_experts)
+        return cls(
+            build_gate(cfg, d_model),
+            build_order(cfg.order),
+            build_experts(cfg.expert, num_local, d_model, cfg.d_hidden),
+            dispatcher,
+            hooks,
+        )
+
+    def add_hook(self, hook: MoEHook) -> None:
+        self.hooks.append(hook)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise ValueError(f"MoE input must be floating point, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"MoE input must have trailing dim D={self.d_model}, got shape {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"MoE input is an empty batch (shape {tuple(x.shape)}); need at least one token")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.d_model)
+        for h in self.hooks:
+            x_TD = h.before_moe_start(self, x_TD)
+        routing = self.gate(x_TD)
+        x_ECD = self.order.order(x_TD, routing)
+        for h in self.hooks:
+            x_ECD = h.before_dispatch(self, x_ECD)
+        x_eCD = self.dispatcher.dispatch(x_ECD)
+        for h in self.hooks:
+            x_eCD = h.after_dispatch(self, x_eCD)
+        y_eCD = self.experts(x_eCD)
+        for h in self.hooks:
+            y_eCD = h.before_combine(self, y_eCD)
+        y_ECD = self.dispatcher.combine(y_eCD)
+        for h in self.hooks:
+            y_ECD = h.after_combine(self, y_ECD)
+        y_TD = self.order.iorder(y_ECD, routing)
+        for h in self.hooks:
+            y_TD = h.before_moe_end(self, y_TD)
+        self.last_routing = routing
+        self.last_stats = MoEStats(routing.aux_loss, routing.num_dropped, routing.num_assignments)
+        return y_TD.view(x.shape)

@@ -1,0 +1,95 @@
+"""Order / I-Order: token layout (T, D) ↔ expert layout (E, C, D).
+
+Legend: T tokens, D model dim, E experts, C capacity slots per expert, S SoftMoE slots.
+
+Both orders read the gate's slot form (``Routing.token_EC``, ``weight_EC``; token index T marks an
+empty slot) and give identical results:
+
+* ``einsum`` — GShard: a one-hot dispatch mask (T, E, C) and einsums; memory O(T·E·C).
+* ``index`` — Tutel-style: an index gather for Order and a weighted scatter-add for I-Order; O(E·C·D).
+
+SoftMoE's routing is dense, so for it both orders are the same pair of matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fsmoe.moe.config import ORDER_NAMES
+from fsmoe.moe.gates import Routing
+
+
+class Order:
+    """Builds the expert layout from tokens (``order``) and inverts it with the combine weights
+    (``iorder``): y_t = Σ over the slots (e, c) holding t of weight_ec · y_ecD."""
+
+    name = "base"
+
+    def order(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        if routing.soft is not None:
+            return torch.einsum("tes,td->esd", routing.soft.dispatch_TES, x_TD)
+        return self._order(x_TD, routing)
+
+    def iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
+        if routing.soft is not None:
+            return torch.einsum("tes,esd->td", routing.soft.combine_TES, y_ECD)
+        return self._iorder(y_ECD, routing)
+
+    def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        raise NotImplementedError
+
+    def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
+        raise NotImplementedError
+
+
+class EinsumOrder(Order):
+    """GShard ordering: dispatch_TEC one-hot, combine_TEC = dispatch · weight; two einsums."""
+
+    name = "einsum"
+
+    @staticmethod
+    def _mask(routing: Routing, values_EC: Tensor) -> Tensor:
+        E, C = routing.token_EC.shape
+        T = routing.num_tokens
+        e_EC = torch.arange(E, device=values_EC.device).unsqueeze(1).expand(E, C)
+        c_EC = torch.arange(C, device=values_EC.device).unsqueeze(0).expand(E, C)
+        # Row T collects the empty slots and is cut off.
+        mask_TEC = values_EC.new_zeros(T + 1, E, C).index_put((routing.token_EC, e_EC, c_EC), values_EC)
+        return mask_TEC[:T]
+
+    def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        ones_EC = (routing.token_EC < routing.num_tokens).to(x_TD.dtype)
+        return torch.einsum("tec,td->ecd", self._mask(routing, ones_EC), x_TD)
+
+    def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
+        combine_TEC = self._mask(routing, routing.weight_EC.to(y_ECD.dtype))
+        return torch.einsum("tec,ecd->td", combine_TEC, y_ECD)
+
+
+class IndexOrder(Order):
+    """Tutel-style ordering: gather rows by ``token_EC`` (empty slots read a zero row), and
+    scatter-add ``weight_EC``-scaled expert outputs back into token order."""
+
+    name = "index"
+
+    def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        E, C = routing.token_EC.shape
+        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+        return x_pad.index_select(0, routing.token_EC.reshape(-1)).view(E, C, -1)
+
+    def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
+        T, D = routing.num_tokens, y_ECD.shape[-1]
+        y_ND = y_ECD.reshape(-1, D) * routing.weight_EC.reshape(-1, 1).to(y_ECD.dtype)
+        out = y_ND.new_zeros(T + 1, D).index_add(0, routing.token_EC.reshape(-1), y_ND)
+        return out[:T]
+
+
+ORDERS: dict[str, type[Order]] = {"einsum": EinsumOrder, "index": IndexOrder}
+assert tuple(ORDERS) == ORDER_NAMES
+
+
+def build_order(name: str) -> Order:
+    if name not in ORDERS:
+        raise ValueError(f"unknown order {name!r}; choose one of {', '.join(ORDERS)}")
+    return ORDERS[name]()
