@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from fsmoe.moe.config import EXPERT_NAMES
 
 
+def shard_index(param_name: str, shard_shape: torch.Size, expert_offset: int, hidden_offset: int) -> tuple[slice, ...]:
+    """Where a local shard sits inside the full expert parameter of the same name. The axes are read
+    from the shape suffix (``w1_eDH``: experts, model dim, hidden): ``e`` and ``H`` are sliced."""
+    axes = param_name.rsplit("_", 1)[1]
+    starts = {"e": expert_offset, "H": hidden_offset}
+    return tuple(
+        slice(starts[a], starts[a] + n) if a in starts else slice(None) for a, n in zip(axes, shard_shape, strict=True)
+    )
+
+
 class Experts(nn.Module):
     """Base: ``forward(x_eCD) -> y_eCD``; ``num_local`` experts of hidden slice ``d_hidden``."""
 
@@ -27,6 +37,13 @@ class Experts(nn.Module):
         self.num_local = num_local
         self.d_model = d_model
         self.d_hidden = d_hidden
+
+    @torch.no_grad()
+    def load_shard(self, full: Experts, expert_offset: int, hidden_offset: int) -> None:
+        """Copy this rank's slice (experts from ``expert_offset``, hidden from ``hidden_offset``) of a
+        full, unsharded expert module of the same kind."""
+        for name, p in self.named_parameters():
+            p.copy_(getattr(full, name)[shard_index(name, p.shape, expert_offset, hidden_offset)])
 
     def _param(self, *shape: int, fan_in: int) -> nn.Parameter:
         w = torch.empty(*shape)

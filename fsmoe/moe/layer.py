@@ -9,9 +9,10 @@ frozen record set by each forward on the layer itself (no global state).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.moe.config import MoEConfig
@@ -34,6 +35,25 @@ class MoEStats:
     def dropped_fraction(self) -> float:
         # Syncs (a .item()); call it only when logging.
         return float(self.num_dropped.item()) / max(self.num_assignments, 1)
+
+
+def pad_capacity(routing: Routing, agree: Callable[[int], int]) -> Routing:
+    """Give the routing the capacity that ``agree`` settles on (never less than its own) by appending
+    empty slots, which carry no token and weight 0, so outputs do not change."""
+    capacity = agree(routing.capacity)
+    extra = capacity - routing.capacity
+    if extra == 0:
+        return routing
+    if extra < 0:
+        raise ValueError(f"agreed capacity {capacity} is below this rank's capacity {routing.capacity}")
+    if routing.soft is not None:
+        raise ValueError("SoftMoE slots are fixed per expert; capacities must already agree")
+    return replace(
+        routing,
+        token_EC=F.pad(routing.token_EC, (0, extra), value=routing.num_tokens),
+        weight_EC=F.pad(routing.weight_EC, (0, extra)),
+        capacity=capacity,
+    )
 
 
 class MoELayer(nn.Module):
@@ -65,14 +85,15 @@ class MoELayer(nn.Module):
         if d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         dispatcher = dispatcher if dispatcher is not None else Dispatcher()
-        num_local = dispatcher.num_local_experts(cfg.num_experts)
-        return cls(
-            build_gate(cfg, d_model),
-            build_order(cfg.order),
-            build_experts(cfg.expert, num_local, d_model, cfg.d_hidden),
-            dispatcher,
-            hooks,
+        experts = build_experts(
+            cfg.expert,
+            dispatcher.num_local_experts(cfg.num_experts),
+            d_model,
+            dispatcher.local_hidden(cfg.d_hidden),
+            fan_in_hidden=cfg.d_hidden,
+            owns_output_bias=dispatcher.owns_output_bias,
         )
+        return cls(build_gate(cfg, d_model), build_order(cfg.order), experts, dispatcher, hooks)
 
     def add_hook(self, hook: MoEHook) -> None:
         self.hooks.append(hook)
@@ -92,7 +113,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
         for h in self.hooks:
             x_TD = h.before_moe_start(self, x_TD)
-        routing = self.gate(x_TD)
+        routing = pad_capacity(self.gate(x_TD), self.dispatcher.agree_capacity)
         x_ECD = self.order.order(x_TD, routing)
         for h in self.hooks:
             x_ECD = h.before_dispatch(self, x_ECD)
