@@ -1,0 +1,94 @@
+"""Turn a single-device GPT-MoE into this rank's part of the distributed model.
+
+Every rank builds the same full model from the same seed, then :func:`parallelize_gpt` keeps this
+rank's shards: MP attention heads (:class:`TensorParallelAttention`), this rank's sequence shard,
+and the MoE layers' expert shards behind a distributed dispatcher. The distributed model is therefore
+exactly the single-device model with the same weights, which is what the equality tests rely on
+(building the full model first costs memory once at start-up; fine for the model sizes trained here).
+
+:class:`RoutingGrid` is the single-device side of the same contract: it makes the reference model
+route each rank's tokens as a separate routing group, so "distributed == single-process" is defined.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fsmoe.moe.dispatch import Dispatcher, build_dispatcher
+from fsmoe.moe.experts import build_experts
+from fsmoe.moe.layer import MoELayer, MoEStats
+from fsmoe.parallel.dims import ProcessGroups
+from fsmoe.parallel.grad_sync import mark_replicas
+from fsmoe.parallel.tensor_parallel import TensorParallelAttention
+
+
+def shard_moe_layer(full: MoELayer, groups: ProcessGroups, dispatcher: Dispatcher) -> MoELayer:
+    """The distributed MoE layer holding this rank's experts (EP) and hidden slice (ESP) of ``full``."""
+    cfg = full.gate.cfg
+    coords = groups.dims.rank_layout(groups.rank)
+    e = dispatcher.num_local_experts(cfg.num_experts)
+    h = dispatcher.local_hidden(cfg.d_hidden)
+    experts = build_experts(
+        cfg.expert, e, full.d_model, h, fan_in_hidden=cfg.d_hidden, owns_output_bias=dispatcher.owns_output_bias
+    )
+    experts.load_shard(full.experts, coords.ep * e, coords.esp * h)
+    mark_replicas(experts.parameters(), "expert_dp")
+    return MoELayer(full.gate, full.order, experts, dispatcher, full.hooks)
+
+
+def parallelize_gpt(model: nn.Module, groups: ProcessGroups, dispatcher: str = "a2a") -> nn.Module:
+    """In place: MP attention, sequence shard and distributed MoE layers for this rank."""
+    dims = groups.dims
+    coords = dims.rank_layout(groups.rank)
+    disp = build_dispatcher(dispatcher, groups) if dims.ep * dims.esp > 1 else build_dispatcher("local")
+    for block in model.blocks:
+        if dims.mp > 1:
+            tp = TensorParallelAttention(model.cfg.d_model, model.cfg.n_heads, model.cfg.dropout, groups.mp)
+            tp.load_shard(block.attn, coords.mp)
+            block.attn = tp
+        if isinstance(block.mlp, MoELayer):
+            block.mlp = shard_moe_layer(block.mlp, groups, disp)
+    model.seq_shard = (coords.mp, dims.mp)
+    return model
+
+
+class RoutingGrid(nn.Module):
+    """Single-device reference: route the (B, L) tokens as a grid of ``batch_groups × seq_groups``
+    routing groups — the tokens each rank of a (dense-DP × MP) layout holds — one call each."""
+
+    def __init__(self, layer: MoELayer, batch_groups: int, seq_groups: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.grid = (batch_groups, seq_groups)
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        gb, gs = self.grid
+        B, L, D = x_BLD.shape
+        if B % gb or L % gs:
+            raise ValueError(f"batch {B} × sequence {L} does not split into a {gb} × {gs} routing grid")
+        cells = x_BLD.view(gb, B // gb, gs, L // gs, D)
+        aux, dropped, assigned = x_BLD.new_zeros(()), 0, 0
+        rows = []
+        for i in range(gb):
+            row = []
+            for j in range(gs):
+                row.append(self.layer(cells[i, :, j]))
+                s = self.layer.last_stats
+                aux, dropped, assigned = aux + s.aux_loss, dropped + s.num_dropped, assigned + s.num_assignments
+            rows.append(torch.stack(row, dim=1))
+        out = torch.stack(rows, dim=0)  # (gb, B/gb, gs, L/gs, D)
+        self.last_stats = MoEStats(aux, dropped, assigned)
+        return out.reshape(B, L, D)
+
+
+def reference_grid(model: nn.Module, batch_groups: int, seq_groups: int) -> nn.Module:
+    """In place: wrap every MoE layer of a single-device model in a :class:`RoutingGrid`."""
+    for block in model.blocks:
+        if isinstance(block.mlp, MoELayer):
+            block.mlp = RoutingGrid(block.mlp, batch_groups, seq_groups)
+    return model
+
+
+__all__ = ["RoutingGrid", "parallelize_gpt", "reference_grid", "shard_moe_layer"]
