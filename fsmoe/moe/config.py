@@ -11,6 +11,7 @@ GATE_NAMES = ("gshard", "switch", "sigmoid", "xmoe", "expert_choice", "softmoe")
 ORDER_NAMES = ("einsum", "index")
 EXPERT_NAMES = ("ffn", "swiglu")
 DROP_POLICIES = ("position", "probability")
+NOISY_GATES = ("gshard", "switch", "sigmoid")
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -54,6 +55,10 @@ class MoEConfig:
             raise ValueError(
                 f"top_k must satisfy 1 <= k <= E, got k={self.top_k} with E={self.num_experts} experts"
             )
+        if self.gate == "expert_choice" and self.top_k < 1:
+            raise ValueError(f"top_k is the average experts per token; got k={self.top_k} (expert_choice needs k >= 1)")
+        if self.noisy and self.gate not in NOISY_GATES:
+            raise ValueError(f"noisy gating applies to the {', '.join(NOISY_GATES)} gates, not {self.gate!r}")
         if self.gate == "switch" and self.top_k != 1:
             raise ValueError(f"the switch gate is top-1, got top_k={self.top_k}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

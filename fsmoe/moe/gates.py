@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ def capacity_for(num_tokens: int, num_experts: int, top_k: int, cfg: MoEConfig) 
     """C = ceil(k·f·T/E) (paper §2.1), at least ``min_capacity``, at most T (a top-k token picks an
     expert at most once), rounded up to a multiple of ``capacity_multiple``."""
     assert cfg.capacity_factor is not None
-    c = math.ceil(top_k * cfg.capacity_factor * num_tokens / num_experts)
+    # Exact decimal arithmetic: in floats 1.1 * 100 / 2 rounds up to 56 instead of 55.
+    c = math.ceil(top_k * Fraction(str(cfg.capacity_factor)) * num_tokens / num_experts)
     c = min(max(c, cfg.min_capacity, 1), max(num_tokens, 1))
     m = cfg.capacity_multiple
     return -(-c // m) * m
