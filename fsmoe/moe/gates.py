@@ -115,6 +115,21 @@ def assign_slots(
     return token_EC.view(E, C), weight_EC.view(E, C), (~keep).sum()
 
 
+def top_k_lowest_index(scores_TE: Tensor, k: int) -> Tensor:
+    """Indices of the k highest scores per row, ties to the lower index (deterministic, unlike
+    ``topk``). k passes of ``argmax`` (which returns the first maximum): at small k this is several
+    times faster than a full stable sort over E."""
+    if k == scores_TE.shape[1]:
+        return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices
+    work = scores_TE.clone()
+    picks = []
+    for _ in range(k):
+        idx_T1 = work.argmax(dim=-1, keepdim=True)
+        picks.append(idx_T1)
+        work.scatter_(1, idx_T1, float("-inf"))
+    return torch.cat(picks, dim=1)
+
+
 def balance_loss(probs_TE: Tensor, first_TE: Tensor) -> Tensor:
     """GShard/Switch load-balancing loss E · Σ_e mean_t(p_te) · frac_e, where frac_e is the share of
     tokens whose first choice is e (Lepikhin et al. 2020; Fedus et al. 2021). Equals 1 when balanced."""
@@ -186,10 +201,8 @@ class TopKGate(Gate):
     def route(self, logits_TE: Tensor) -> Routing:
         T, E, K = logits_TE.shape[0], self.num_experts, self.top_k
         scores_TE = self.scores(logits_TE)
-        # Stable sort, not topk: ties go to the lower expert index, deterministically.
-        top = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-        expert_TK = top.indices[:, :K]
-        weight_TK = top.values[:, :K]
+        expert_TK = top_k_lowest_index(scores_TE.detach(), K)
+        weight_TK = scores_TE.gather(1, expert_TK)
         if self.cfg.capacity_factor is None:
             m = self.cfg.capacity_multiple
             capacity = -(-max(self.max_load(expert_TK), self.cfg.min_capacity, 1) // m) * m

@@ -5,7 +5,8 @@ Legend: T tokens, D model dim, E experts, C capacity slots per expert, S SoftMoE
 Both orders read the gate's slot form (``Routing.token_EC``, ``weight_EC``; token index T marks an
 empty slot) and give identical results:
 
-* ``einsum`` — GShard: a one-hot dispatch mask (T, E, C) and einsums; memory O(T·E·C).
+* ``einsum`` — GShard: a one-hot dispatch mask (T, E, C) and einsums; memory O(T·E·C). The combine
+  weights scale the expert outputs before the einsum, so backward never builds a (T, E, C) gradient.
 * ``index`` — Tutel-style: an index gather for Order and a weighted scatter-add for I-Order; O(E·C·D).
 
 SoftMoE's routing is dense, so for it both orders are the same pair of matmuls.
@@ -49,22 +50,25 @@ class EinsumOrder(Order):
     name = "einsum"
 
     @staticmethod
-    def _mask(routing: Routing, values_EC: Tensor) -> Tensor:
+    def _mask(routing: Routing, dtype: torch.dtype) -> Tensor:
+        """0/1 dispatch mask (T, E, C), no gradient. Empty slots point at token 0 with value 0: each
+        (e, c) occurs once, so nothing collides and no extra row is needed."""
         E, C = routing.token_EC.shape
         T = routing.num_tokens
-        e_EC = torch.arange(E, device=values_EC.device).unsqueeze(1).expand(E, C)
-        c_EC = torch.arange(C, device=values_EC.device).unsqueeze(0).expand(E, C)
-        # Row T collects the empty slots and is cut off.
-        mask_TEC = values_EC.new_zeros(T + 1, E, C).index_put((routing.token_EC, e_EC, c_EC), values_EC)
-        return mask_TEC[:T]
+        device = routing.token_EC.device
+        filled_EC = routing.token_EC < T
+        e_EC = torch.arange(E, device=device).unsqueeze(1).expand(E, C)
+        c_EC = torch.arange(C, device=device).unsqueeze(0).expand(E, C)
+        mask_TEC = torch.zeros(T, E, C, dtype=dtype, device=device)
+        mask_TEC[routing.token_EC.where(filled_EC, 0), e_EC, c_EC] = filled_EC.to(dtype)
+        return mask_TEC
 
     def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        ones_EC = (routing.token_EC < routing.num_tokens).to(x_TD.dtype)
-        return torch.einsum("tec,td->ecd", self._mask(routing, ones_EC), x_TD)
+        return torch.einsum("tec,td->ecd", self._mask(routing, x_TD.dtype), x_TD)
 
     def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
-        combine_TEC = self._mask(routing, routing.weight_EC.to(y_ECD.dtype))
-        return torch.einsum("tec,ecd->td", combine_TEC, y_ECD)
+        weighted_ECD = y_ECD * routing.weight_EC.unsqueeze(-1).to(y_ECD.dtype)
+        return torch.einsum("tec,ecd->td", self._mask(routing, y_ECD.dtype), weighted_ECD)
 
 
 class IndexOrder(Order):
