@@ -38,6 +38,25 @@ class Experts(nn.Module):
         self.d_model = d_model
         self.d_hidden = d_hidden
 
+    # --- manual forward/backward, for the pipelined block whose backward re-chunks the slots -------------
+    # ``forward_saving`` returns the output and the per-slot tensors backward needs, each (e, N, *);
+    # ``backward_saved`` takes the output gradient and those tensors for any subset of the slots and
+    # returns the input gradient and one gradient per parameter (in ``parameters()`` order). The base
+    # versions keep only the input and recompute under autograd, so any expert module works; the
+    # built-in experts override them to save pre-activations and apply the exact derivatives.
+
+    def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        with torch.no_grad():
+            return self(x_eND), (x_eND,)
+
+    def backward_saved(self, dy_eND: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+        params = list(self.parameters())
+        with torch.enable_grad():
+            x = saved[0].detach().requires_grad_()
+            grads = torch.autograd.grad(self(x), [x, *params], dy_eND, allow_unused=True)
+        dx, pgrads = grads[0], grads[1:]
+        return dx, [torch.zeros_like(p) if g is None else g for p, g in zip(params, pgrads, strict=True)]
+
     @torch.no_grad()
     def load_shard(self, full: Experts, expert_offset: int, hidden_offset: int) -> None:
         """Copy this rank's slice (experts from ``expert_offset``, hidden from ``hidden_offset``) of a
@@ -71,6 +90,28 @@ class FFNExperts(Experts):
             return torch.bmm(h_eCH, self.w2_eHD)
         return torch.baddbmm(self.b2_eD.unsqueeze(1), h_eCH, self.w2_eHD)
 
+    @torch.no_grad()
+    def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        pre_eNH = torch.baddbmm(self.b1_eH.unsqueeze(1), x_eND, self.w1_eDH)
+        h_eNH = F.gelu(pre_eNH)
+        y = torch.bmm(h_eNH, self.w2_eHD) if self.b2_eD is None else torch.baddbmm(
+            self.b2_eD.unsqueeze(1), h_eNH, self.w2_eHD
+        )
+        return y, (x_eND, pre_eNH)
+
+    @torch.no_grad()
+    def backward_saved(self, dy_eND: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+        x_eND, pre_eNH = saved
+        h_eNH = F.gelu(pre_eNH)
+        dw2 = torch.bmm(h_eNH.transpose(1, 2), dy_eND)
+        dpre_eNH = torch.ops.aten.gelu_backward(torch.bmm(dy_eND, self.w2_eHD.transpose(1, 2)), pre_eNH)
+        dw1 = torch.bmm(x_eND.transpose(1, 2), dpre_eNH)
+        dx = torch.bmm(dpre_eNH, self.w1_eDH.transpose(1, 2))
+        grads = [dw1, dpre_eNH.sum(1), dw2]
+        if self.b2_eD is not None:
+            grads.append(dy_eND.sum(1))
+        return dx, grads
+
 
 class SwiGLUExperts(Experts):
     """Mixtral-style expert: y = (SiLU(x·W1) ⊙ x·W3)·W2 (three GEMMs, no biases)."""
@@ -88,6 +129,23 @@ class SwiGLUExperts(Experts):
     def forward(self, x_eCD: Tensor) -> Tensor:
         h_eCH = F.silu(torch.bmm(x_eCD, self.w1_eDH)) * torch.bmm(x_eCD, self.w3_eDH)
         return torch.bmm(h_eCH, self.w2_eHD)
+
+    @torch.no_grad()
+    def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        g_eNH, u_eNH = torch.bmm(x_eND, self.w1_eDH), torch.bmm(x_eND, self.w3_eDH)
+        return torch.bmm(F.silu(g_eNH) * u_eNH, self.w2_eHD), (x_eND, g_eNH, u_eNH)
+
+    @torch.no_grad()
+    def backward_saved(self, dy_eND: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
+        x_eND, g_eNH, u_eNH = saved
+        act_eNH = F.silu(g_eNH)
+        dw2 = torch.bmm((act_eNH * u_eNH).transpose(1, 2), dy_eND)
+        dh_eNH = torch.bmm(dy_eND, self.w2_eHD.transpose(1, 2))
+        dg_eNH = torch.ops.aten.silu_backward(dh_eNH * u_eNH, g_eNH)
+        du_eNH = dh_eNH * act_eNH
+        xt = x_eND.transpose(1, 2)
+        dx = torch.bmm(dg_eNH, self.w1_eDH.transpose(1, 2)) + torch.bmm(du_eNH, self.w3_eDH.transpose(1, 2))
+        return dx, [torch.bmm(xt, dg_eNH), torch.bmm(xt, du_eNH), dw2]
 
 
 EXPERTS: dict[str, type[Experts]] = {"ffn": FFNExperts, "swiglu": SwiGLUExperts}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,9 +19,12 @@ from torch import Tensor, nn
 from fsmoe.moe.config import MoEConfig
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import Experts, build_experts
-from fsmoe.moe.gates import Gate, Routing, build_gate
+from fsmoe.moe.gates import Gate, Routing, SoftAssignment, build_gate
 from fsmoe.moe.hooks import MoEHook
 from fsmoe.moe.order import Order, build_order
+
+if TYPE_CHECKING:
+    from fsmoe.schedule.pipelined import Pipeline
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,10 @@ def pad_capacity(routing: Routing, agree: Callable[[int], int]) -> Routing:
         return routing
     if extra < 0:
         raise ValueError(f"agreed capacity {capacity} is below this rank's capacity {routing.capacity}")
-    if routing.soft is not None:
-        raise ValueError("SoftMoE slots are fixed per expert; capacities must already agree")
+    if routing.soft is not None:  # padded slots mix no token and feed no token
+        pad = (0, extra)
+        soft = SoftAssignment(F.pad(routing.soft.dispatch_TES, pad), F.pad(routing.soft.combine_TES, pad))
+        routing = replace(routing, soft=soft)
     return replace(
         routing,
         token_EC=F.pad(routing.token_EC, (0, extra), value=routing.num_tokens),
@@ -74,6 +80,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
         self.hooks = list(hooks)
         self.d_model = gate.d_model
+        self.pipeline: Pipeline | None = None  # set to pipeline the dispatch → expert → combine block
         self.last_stats: MoEStats | None = None
         self.last_routing: Routing | None = None
 
@@ -108,22 +115,42 @@ class MoELayer(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"MoE input is an empty batch (shape {tuple(x.shape)}); need at least one token")
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        x_TD = x.reshape(-1, self.d_model)
-        for h in self.hooks:
-            x_TD = h.before_moe_start(self, x_TD)
-        routing = pad_capacity(self.gate(x_TD), self.dispatcher.agree_capacity)
-        x_ECD = self.order.order(x_TD, routing)
-        for h in self.hooks:
-            x_ECD = h.before_dispatch(self, x_ECD)
+    def _agree_capacity(self, capacity: int) -> int:
+        c = self.dispatcher.agree_capacity(capacity)
+        m = 1 if self.pipeline is None else self.pipeline.capacity_multiple
+        return -(-c // m) * m
+
+    def _experts_block(self, x_ECD: Tensor) -> Tensor:
+        """Dispatch → (ESP AllGather) → experts → (ESP ReduceScatter) → combine, pipelined if asked."""
+        if self.pipeline is not None:
+            inner = [h for h in self.hooks if type(h).after_dispatch is not MoEHook.after_dispatch
+                     or type(h).before_combine is not MoEHook.before_combine]
+            if inner:
+                raise ValueError(
+                    f"after_dispatch/before_combine hooks ({', '.join(type(h).__name__ for h in inner)}) run per "
+                    "chunk inside the pipelined block, which does not support them yet; remove the pipeline or the hook"
+                )
+            from fsmoe.schedule.pipelined import pipelined_experts  # the schedule package builds on this one
+
+            return pipelined_experts(x_ECD, self.pipeline, self.dispatcher, self.experts)
         x_eCD = self.dispatcher.dispatch(x_ECD)
         for h in self.hooks:
             x_eCD = h.after_dispatch(self, x_eCD)
         y_eCD = self.experts(x_eCD)
         for h in self.hooks:
             y_eCD = h.before_combine(self, y_eCD)
-        y_ECD = self.dispatcher.combine(y_eCD)
+        return self.dispatcher.combine(y_eCD)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.d_model)
+        for h in self.hooks:
+            x_TD = h.before_moe_start(self, x_TD)
+        routing = pad_capacity(self.gate(x_TD), self._agree_capacity)
+        x_ECD = self.order.order(x_TD, routing)
+        for h in self.hooks:
+            x_ECD = h.before_dispatch(self, x_ECD)
+        y_ECD = self._experts_block(x_ECD)
         for h in self.hooks:
             y_ECD = h.after_combine(self, y_ECD)
         y_TD = self.order.iorder(y_ECD, routing)

@@ -18,6 +18,8 @@ from fsmoe.moe import MoEConfig, MoELayer
 from fsmoe.moe.dispatch import build_dispatcher
 from fsmoe.moe.experts import shard_index
 from fsmoe.parallel.dims import ParallelDims, build_groups
+from fsmoe.schedule.pipelined import Pipeline
+from fsmoe.schedule.schedules import get_schedule
 
 T, D, H, E = 12, 8, 16, 4
 
@@ -30,13 +32,15 @@ def layer_vs_reference(
     rank: int, world: int, *, ppn: int, ep: int, esp: int, dispatchers: tuple[str, ...],
     gates: tuple[str, ...], experts: tuple[str, ...] = ("ffn", "swiglu"),
     capacity_factors: tuple[float | None, ...] = (1.0, None),
+    pipelines: tuple[tuple[str, int, int] | None, ...] = (None,), channels: int = 1,
 ) -> list[tuple[str, dict[str, float]]]:
     dims = ParallelDims(world_size=world, procs_per_node=ppn, dp=world, ep=ep, esp=esp)
-    groups = build_groups(dims)
+    groups = build_groups(dims, channels=channels)
     coords = dims.rank_layout(rank)
     built = {name: build_dispatcher(name, groups) for name in dispatchers}
     results = []
-    for disp_name, gate, expert, cf in itertools.product(dispatchers, gates, experts, capacity_factors):
+    cases = itertools.product(dispatchers, gates, experts, capacity_factors, pipelines)
+    for disp_name, gate, expert, cf, pipe in cases:
         if gate == "expert_choice" and cf is None:
             continue
         k = 1 if gate == "switch" else 2
@@ -57,6 +61,8 @@ def layer_vs_reference(
         loss.backward()
 
         layer = MoELayer.from_config(cfg, D, dispatcher=built[disp_name])
+        if pipe is not None:
+            layer.pipeline = Pipeline(get_schedule(pipe[0]), r_fwd=pipe[1], r_bwd=pipe[2])
         layer.gate.load_state_dict(ref.gate.state_dict())
         e_local, h_local = layer.experts.num_local, layer.experts.d_hidden
         layer.experts.load_shard(ref.experts, coords.ep * e_local, coords.esp * h_local)
@@ -77,5 +83,5 @@ def layer_vs_reference(
             errs[f"experts.{name}"] = _max_err(
                 grad, full[shard_index(name, p.shape, coords.ep * e_local, coords.esp * h_local)]
             )
-        results.append((f"{disp_name}/{gate}/{expert}/cf={cf}", errs))
+        results.append((f"{disp_name}/{gate}/{expert}/cf={cf}/pipe={pipe}", errs))
     return results
