@@ -1,0 +1,150 @@
+"""The ``fsmoe`` command: a thin layer that parses flags into typed configs and calls the typed functions.
+
+Only this module reads ``sys.argv``. Each subcommand has an ``_add_<name>`` function that declares its
+flags, a ``<name>_config_from_args`` function that turns them into a config (tests call it directly),
+and a handler that calls the library; a new subcommand (bench, profile, plan, simulate, ...) adds one
+such trio and one line to :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from fsmoe.models.gpt_moe import MODEL_PRESETS, GPTMoEConfig, model_preset
+from fsmoe.moe.config import EXPERT_NAMES, GATE_NAMES, ORDER_NAMES
+from fsmoe.train.data import DataConfig, DataError
+from fsmoe.train.trainer import TrainConfig, run_train
+
+_TRAIN_DEFAULTS = TrainConfig()
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported as a one-line error with exit status 2."""
+
+
+def _capacity_factor(text: str) -> float | None:
+    """``none`` (any case) means no capacity limit; anything else must be a positive float."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    d = _TRAIN_DEFAULTS
+    p = sub.add_parser("train", help="train a GPT-MoE language model on one process",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default=d.out_dir, help="output directory (metrics.jsonl, summary.json)")
+    run.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    run.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    run.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    run.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on matrices")
+    run.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    run.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables clipping")
+    run.add_argument("--seed", type=int, default=d.seed, help="seeds the model and the batches")
+    run.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines")
+    run.add_argument("--eval-iters", type=int, default=d.eval_iters, help="validation batches at the end")
+    run.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads; None: torch's")
+    run.add_argument("--max-seconds", type=float, default=d.max_seconds, help="training time budget")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=argparse.SUPPRESS,
+                      help="a text file to train on (default: the embedded Python stdlib corpus)")
+    data.add_argument("--data-bytes", type=int, default=d.data.max_bytes, help="embedded corpus size")
+    model = p.add_argument_group("model (overrides of the preset)")
+    model.add_argument("--preset", choices=list(MODEL_PRESETS), default="tiny", help="model size")
+    model.add_argument("--moe-every", type=int, default=argparse.SUPPRESS,
+                       help="block i is MoE when (i+1) %% N == 0 (default: the preset's)")
+    # default None below: keep the preset's value
+    model.add_argument("--gate", choices=GATE_NAMES, default=None, help="router")
+    model.add_argument("--order", choices=ORDER_NAMES, default=None, help="token layout implementation")
+    model.add_argument("--expert", choices=EXPERT_NAMES, default=None, help="expert network")
+    model.add_argument("--experts", type=int, default=None, help="number of experts E")
+    model.add_argument("--top-k", type=int, default=None, help="experts per token (switch: 1)")
+    # SUPPRESS: the attribute exists only when the flag is given, which tells "--capacity-factor none"
+    # (no dropping) apart from "not given" (keep the preset's factor).
+    model.add_argument("--capacity-factor", type=_capacity_factor, default=argparse.SUPPRESS,
+                       help="capacity factor f, or 'none' for no token dropping (default: the preset's)")
+    p.set_defaults(handler=_handle_train)
+
+
+def model_config_from_args(args: argparse.Namespace) -> GPTMoEConfig:
+    """The preset with the flags that were given applied on top (flags left unset keep the preset's)."""
+    base = model_preset(args.preset)
+    moe_overrides = {
+        name: value
+        for name, value in (
+            ("gate", args.gate), ("order", args.order), ("expert", args.expert),
+            ("num_experts", args.experts), ("top_k", args.top_k),
+        )
+        if value is not None
+    }
+    if hasattr(args, "capacity_factor"):
+        moe_overrides["capacity_factor"] = args.capacity_factor
+    # The switch gate is top-1 by definition; pick k=1 for it unless the user chose a k.
+    if args.gate == "switch" and args.top_k is None:
+        moe_overrides["top_k"] = 1
+    moe = dataclasses.replace(base.moe, **moe_overrides)
+    model_overrides: dict[str, object] = {"moe": moe}
+    if hasattr(args, "moe_every"):
+        model_overrides["moe_every"] = args.moe_every
+    return dataclasses.replace(base, **model_overrides)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=model_config_from_args(args),
+        data=DataConfig(path=getattr(args, "data", None), max_bytes=args.data_bytes),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        grad_clip=args.grad_clip if args.grad_clip else None,
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_iters=args.eval_iters,
+        out_dir=args.out,
+        threads=args.threads,
+        max_seconds=args.max_seconds,
+    )
+
+
+def _handle_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = train_config_from_args(args)  # config validation raises ValueError naming the values
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    try:
+        run_train(cfg)
+    except DataError as e:  # a missing, empty or too-short --data file
+        raise UsageError(str(e)) from e
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsmoe", description="FSMoE: train and study sparse MoE models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fsmoe`` and ``python -m fsmoe``; ``argv`` defaults to ``sys.argv[1:]``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except UsageError as e:
+        parser.exit(2, f"fsmoe {args.command}: error: {e}\n")

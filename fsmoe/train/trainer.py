@@ -1,0 +1,234 @@
+"""Single-process training of :class:`~fsmoe.models.gpt_moe.GPTMoE`: ``run_train(TrainConfig) -> TrainResult``.
+
+The objective is the language-model loss plus the MoE layers' aux losses (already weighted by each
+layer's ``MoEConfig`` coefficients). AdamW with linear warmup and cosine decay to ``min_lr_ratio · lr``.
+Every ``log_every`` steps (and at the first and last step) one progress line is printed and one JSON
+object appended to ``<out_dir>/metrics.jsonl``; the validation loss at the end goes to the result and to
+``<out_dir>/summary.json``. Syncing reads (``.item()``, ``dropped_fraction``) happen only at those
+logging points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fsmoe.models.gpt_moe import GPTMoE, GPTMoEConfig, gpt2_moe_tiny
+from fsmoe.moe.layer import MoEStats
+from fsmoe.train.data import BatchSampler, DataConfig, load_corpus
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """One training run. ``max_seconds`` (optional) stops training early once that much wall time has
+    been spent in training steps; ``threads=None`` leaves torch's intra-op thread count alone."""
+
+    model: GPTMoEConfig = field(default_factory=gpt2_moe_tiny)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    warmup: int = 50
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    log_every: int = 50
+    eval_iters: int = 20
+    out_dir: str = "runs/default"
+    threads: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or None for torch's default), got {self.threads}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0 (or None for no limit), got {self.max_seconds}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """``first_loss`` is the first step's LM loss, ``last_loss`` the mean LM loss over the last logging
+    interval, ``val_loss`` the final validation LM loss; ``tokens_per_s`` counts training steps only."""
+
+    first_loss: float
+    last_loss: float
+    val_loss: float
+    steps: int
+    tokens_per_s: float
+    metrics_path: str
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for 1-based ``step``: linear warmup over ``warmup`` steps, then cosine decay from
+    ``lr`` to ``min_lr_ratio · lr`` at step ``steps``."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (incl. embeddings and the experts' stacked weights), none on
+    biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def dropped_fraction(stats: Sequence[MoEStats]) -> float:
+    """Dropped share of all routed assignments across the MoE layers of one forward.
+    Syncs (an ``.item()``): call it only when logging."""
+    if not stats:
+        return 0.0
+    dropped = torch.stack([s.num_dropped for s in stats]).sum().item()
+    return float(dropped) / max(sum(s.num_assignments for s in stats), 1)
+
+
+@torch.no_grad()
+def evaluate(model: GPTMoE, sampler: BatchSampler, iters: int) -> float:
+    """Mean LM loss over ``iters`` batches in eval mode (restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(())
+    for _ in range(iters):
+        x_BL, y_BL = sampler.sample()
+        out = model(x_BL, y_BL)
+        assert out.loss is not None
+        total += out.loss
+    model.train(was_training)
+    return total.item() / iters
+
+
+def _format_line(rec: dict[str, float | int], steps: int) -> str:
+    return (
+        f"step {rec['step']:>{len(str(steps))}}/{steps} | loss {rec['loss']:.4f} | aux {rec['aux_loss']:.4f}"
+        f" | dropped {rec['dropped_fraction']:.3f} | lr {rec['lr']:.2e} | {rec['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """Train from scratch as ``cfg`` says; see the module docstring for what is logged and written."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    seq_len = cfg.model.seq_len
+    corpus = load_corpus(cfg.data, seq_len)  # first, so that bad data leaves no output directory behind
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    metrics_path = out_dir / METRICS_FILE
+    train = BatchSampler(corpus.train_N, batch_size=cfg.batch_size, seq_len=seq_len, seed=cfg.seed)
+    model = GPTMoE(cfg.model)
+    model.train()
+    opt = build_optimizer(model, cfg)
+    print(
+        f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val bytes\n"
+        f"model: {model.num_params():,} parameters, {cfg.model.n_layers} layers "
+        f"({cfg.model.num_moe_layers} MoE: {cfg.model.moe.num_experts} experts, top-{cfg.model.moe.top_k}, "
+        f"gate {cfg.model.moe.gate}); {cfg.batch_size}x{seq_len} tokens/step",
+        flush=True,
+    )
+
+    tokens_per_step = cfg.batch_size * seq_len
+    first_loss = math.nan
+    interval_loss = torch.zeros(())
+    interval_steps = 0
+    interval_start = time.perf_counter()
+    train_seconds = 0.0
+    last_record: dict[str, float | int] = {}
+    step = 0
+    with metrics_path.open("w") as metrics:
+        while step < cfg.steps:
+            step += 1
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x_BL, y_BL = train.sample()
+            out = model(x_BL, y_BL)
+            assert out.loss is not None
+            loss: Tensor = out.loss + out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            train_seconds += time.perf_counter() - t0
+            interval_loss += out.loss.detach()
+            interval_steps += 1
+
+            out_of_time = cfg.max_seconds is not None and train_seconds >= cfg.max_seconds
+            last = step == cfg.steps or out_of_time
+            if step == 1 or step % cfg.log_every == 0 or last:
+                now = time.perf_counter()
+                mean_loss = interval_loss.item() / interval_steps
+                if step == 1:
+                    first_loss = mean_loss
+                last_record = {
+                    "step": step,
+                    "loss": mean_loss,
+                    "aux_loss": out.aux_loss.item(),
+                    "dropped_fraction": dropped_fraction(out.moe_stats),
+                    "lr": lr,
+                    "tokens_per_s": interval_steps * tokens_per_step / max(now - interval_start, 1e-9),
+                    "elapsed_s": train_seconds,
+                }
+                metrics.write(json.dumps(last_record) + "\n")
+                metrics.flush()
+                print(_format_line(last_record, cfg.steps), flush=True)
+                interval_loss.zero_()
+                interval_steps = 0
+                interval_start = time.perf_counter()
+            if out_of_time:
+                print(f"stopping after {step} steps: max_seconds={cfg.max_seconds} reached", flush=True)
+                break
+
+    val = BatchSampler(corpus.val_N, batch_size=cfg.batch_size, seq_len=seq_len, seed=cfg.seed + 1)
+    val_loss = evaluate(model, val, cfg.eval_iters)
+    result = TrainResult(
+        first_loss=first_loss,
+        last_loss=float(last_record["loss"]),
+        val_loss=val_loss,
+        steps=step,
+        tokens_per_s=step * tokens_per_step / max(train_seconds, 1e-9),
+        metrics_path=str(metrics_path),
+    )
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    print(
+        f"done: {step} steps, first loss {first_loss:.4f}, last loss {result.last_loss:.4f}, "
+        f"val loss {val_loss:.4f}, {result.tokens_per_s:,.0f} tok/s, {train_seconds:.1f}s training",
+        flush=True,
+    )
+    return result
