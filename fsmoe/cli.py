@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 
 from fsmoe.models.gpt_moe import MODEL_PRESETS, GPTMoEConfig, model_preset
 from fsmoe.moe.config import EXPERT_NAMES, GATE_NAMES, ORDER_NAMES
+from fsmoe.schedule.schedules import SCHEDULES
 from fsmoe.train.data import DataConfig, DataError
+from fsmoe.train.distributed import DISPATCHER_NAMES, ParallelConfig, env_world_size, launch
 from fsmoe.train.trainer import TrainConfig, run_train
 
 _TRAIN_DEFAULTS = TrainConfig()
@@ -39,7 +42,7 @@ def _capacity_factor(text: str) -> float | None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     d = _TRAIN_DEFAULTS
-    p = sub.add_parser("train", help="train a GPT-MoE language model on one process",
+    p = sub.add_parser("train", help="train a GPT-MoE language model (one process or --nproc ranks)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--out", default=d.out_dir, help="output directory (metrics.jsonl, summary.json)")
@@ -72,6 +75,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     # (no dropping) apart from "not given" (keep the preset's factor).
     model.add_argument("--capacity-factor", type=_capacity_factor, default=argparse.SUPPRESS,
                        help="capacity factor f, or 'none' for no token dropping (default: the preset's)")
+    par = p.add_argument_group("parallelism (ranks are started by fsmoe itself, or by torchrun)")
+    pd = ParallelConfig()
+    par.add_argument("--nproc", type=int, default=pd.nproc, help="number of ranks (processes)")
+    par.add_argument("--procs-per-node", type=int, default=None,
+                     help="ranks per declared node (decides intra/inter groups); default: all on one node")
+    par.add_argument("--mp", type=int, default=pd.mp, help="tensor-parallel degree of attention (+ sequence parallel)")
+    par.add_argument("--ep", type=int, default=pd.ep, help="expert-parallel degree")
+    par.add_argument("--esp", type=int, default=pd.esp, help="expert-sharding degree (H split across ranks)")
+    par.add_argument("--dispatcher", choices=DISPATCHER_NAMES, default=pd.dispatcher, help="AlltoAll algorithm")
+    par.add_argument("--schedule", choices=list(SCHEDULES), default=pd.schedule, help="MoE block schedule")
+    par.add_argument("--r-fwd", type=int, default=pd.r_fwd, help="forward pipeline degree")
+    par.add_argument("--r-bwd", type=int, default=pd.r_bwd, help="backward pipeline degree")
+    par.add_argument("--trace", default=None, help="write a Chrome-trace JSON of the MoE tasks (rank 0)")
     p.set_defaults(handler=_handle_train)
 
 
@@ -114,6 +130,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         out_dir=args.out,
         threads=args.threads,
         max_seconds=args.max_seconds,
+        parallel=ParallelConfig(
+            nproc=args.nproc, procs_per_node=args.procs_per_node, mp=args.mp, ep=args.ep, esp=args.esp,
+            dispatcher=args.dispatcher, schedule=args.schedule, r_fwd=args.r_fwd, r_bwd=args.r_bwd,
+        ),
+        trace=args.trace,
     )
 
 
@@ -122,6 +143,9 @@ def _handle_train(args: argparse.Namespace) -> int:
         cfg = train_config_from_args(args)  # config validation raises ValueError naming the values
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if cfg.parallel.distributed and env_world_size() == 1:
+        # Not launched yet: start the ranks, each re-running this command line (validated above, once).
+        return launch(args.argv, cfg.parallel.nproc)
     try:
         run_train(cfg)
     except DataError as e:  # a missing, empty or too-short --data file
@@ -143,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fsmoe`` and ``python -m fsmoe``; ``argv`` defaults to ``sys.argv[1:]``."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return int(args.handler(args))
     except UsageError as e:

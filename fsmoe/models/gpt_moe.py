@@ -185,6 +185,7 @@ class GPTMoE(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.seq_shard: tuple[int, int] = (0, 1)  # (this shard, number of shards) of the sequence axis
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.wte.weight
@@ -192,8 +193,9 @@ class GPTMoE(nn.Module):
             nn.init.normal_(self.head.weight, std=INIT_STD)
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE layers (or wrappers of them that report ``last_stats``, e.g. a routing grid)."""
+        return [b.mlp for b in self.blocks if hasattr(b.mlp, "last_stats")]
 
     def num_params(self) -> int:
         """Distinct parameters (a tied head counts once)."""
@@ -203,7 +205,19 @@ class GPTMoE(nn.Module):
         B, L = idx_BL.shape
         if L > self.cfg.seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's seq_len={self.cfg.seq_len}")
-        pos_L = torch.arange(L, device=idx_BL.device)
+        # Sequence parallelism (set by fsmoe.parallel.parallelize_gpt): this rank embeds, routes and scores
+        # only its shard of the positions; attention gathers the rest.
+        shard, shards = self.seq_shard
+        if shards > 1:
+            if L % shards:
+                raise ValueError(f"sequence length {L} is not divisible by the {shards} sequence shards")
+            keep = slice(shard * (L // shards), (shard + 1) * (L // shards))
+            idx_BL = idx_BL[:, keep]
+            targets = targets[:, keep] if targets is not None else None
+            pos_L = torch.arange(keep.start, keep.stop, device=idx_BL.device)
+            L = L // shards
+        else:
+            pos_L = torch.arange(L, device=idx_BL.device)
         x_BLD = self.drop(self.wte(idx_BL) + self.wpe(pos_L))
         for block in self.blocks:
             x_BLD = block(x_BLD)

@@ -1,0 +1,43 @@
+"""An emulated multi-node cluster on one Linux machine: one network namespace per node, a bridge
+between them, and each node's uplink and downlink shaped by ``tc tbf``, so inter-node traffic is
+really slower than intra-node (loopback) traffic and overlap can be measured.
+
+* :class:`EmulatedClusterSpec`, :func:`parse_rate` — what to build (pure; :mod:`~fsmoe.cluster.spec`).
+* :class:`EmulatedCluster` — context manager: builds the namespaces, ``launch(argv)`` runs a command as
+  every rank with torchrun's variables, ``run_function(fn, *args)`` runs a function on every rank;
+  removes everything on exit, Ctrl-C, SIGTERM and rank failure (:mod:`~fsmoe.cluster.launcher`).
+* :func:`open_cluster` — the same, or an unshaped :class:`LocalCluster` with a warning where this machine
+  cannot build namespaces; :func:`check_privileges` says why not; :func:`cleanup_stale` removes what
+  dead runs left (:mod:`~fsmoe.cluster.netns`).
+"""
+
+from fsmoe.cluster.launcher import (
+    ClusterUnavailable,
+    EmulatedCluster,
+    LaunchOutcome,
+    LocalCluster,
+    RankFailed,
+    RanksTimedOut,
+    open_cluster,
+)
+from fsmoe.cluster.netns import ClusterSetupError, Topology, check_privileges, cleanup_stale, list_namespaces
+from fsmoe.cluster.spec import EmulatedClusterSpec, TbfParams, format_rate, parse_rate
+
+__all__ = [
+    "ClusterSetupError",
+    "ClusterUnavailable",
+    "EmulatedCluster",
+    "EmulatedClusterSpec",
+    "LaunchOutcome",
+    "LocalCluster",
+    "RankFailed",
+    "RanksTimedOut",
+    "TbfParams",
+    "Topology",
+    "check_privileges",
+    "cleanup_stale",
+    "format_rate",
+    "list_namespaces",
+    "open_cluster",
+    "parse_rate",
+]

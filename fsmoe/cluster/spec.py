@@ -1,0 +1,131 @@
+"""What an emulated cluster looks like: nodes, ranks per node, and the shaped link of each node.
+
+Pure: nothing here touches the network. :mod:`fsmoe.cluster.netns` turns a spec into namespaces.
+
+Link model (what ``tc tbf`` can do on these machines; ``netem`` is not available, so there is no
+propagation delay and no loss model):
+
+* every node has one uplink (node -> bridge) and one downlink (bridge -> node), each a token bucket
+  of ``rate`` bits/s. Traffic between two nodes crosses the sender's uplink and the receiver's
+  downlink; traffic between two ranks of one node never leaves the node (loopback, unshaped).
+* ``latency_ms`` is tbf's *queue* bound (how long a packet may wait in the shaper before it is
+  dropped), not a delay added to every packet. Below ~50 ms large messages see drops and TCP
+  retransmits, so 50 ms is the default and the floor we recommend.
+* ``burst`` is the bucket depth: at least 64 KiB (one GSO super-packet) and 4 ms of line rate, so the
+  shaper never has to split packets and its timer granularity does not cap the rate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+UNSHAPED_WORDS = ("unshaped", "none", "off")
+# tc's decimal bit units; tc's "bps" units are *bytes* per second, a classic mix-up, so they are refused.
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
+_MIN_BURST_BYTES = 64 * 1024
+_BURST_SECONDS = 0.004
+MAX_NODES = 250  # node n gets host address n + 1 in a /24
+
+
+def parse_rate(text: str) -> int | None:
+    """``"1gbit"`` -> 1_000_000_000 (bits/s); ``"unshaped"`` / ``"none"`` / ``"off"`` -> None.
+
+    Units are tc's decimal bit units: ``bit``, ``kbit``, ``mbit``, ``gbit``, ``tbit``; a bare number
+    is bits/s. Raises ``ValueError`` naming the accepted forms."""
+    if text.strip().lower() in UNSHAPED_WORDS:
+        return None
+    m = _RATE_RE.match(text.lower())
+    if m is None or m.group(2) not in ("", *_RATE_UNITS):
+        hint = " (tc's 'bps' units are bytes/s; write e.g. '800mbit')" if text.lower().endswith("bps") else ""
+        raise ValueError(
+            f"cannot read link rate {text!r}{hint}: expected a number with one of the units "
+            f"{', '.join(_RATE_UNITS)} (e.g. '1gbit', '200mbit'), or one of {', '.join(UNSHAPED_WORDS)}"
+        )
+    bits = float(m.group(1)) * _RATE_UNITS[m.group(2) or "bit"]
+    if bits < 8_000:
+        raise ValueError(f"link rate {text!r} is below 8kbit/s; nothing useful runs over that")
+    return int(bits)
+
+
+def format_rate(bits_per_s: int | None) -> str:
+    """The inverse of :func:`parse_rate` for display: 1_000_000_000 -> ``"1gbit"``."""
+    if bits_per_s is None:
+        return "unshaped"
+    for unit, scale in sorted(_RATE_UNITS.items(), key=lambda kv: -kv[1]):
+        if bits_per_s >= scale and bits_per_s % (scale // 1000 or 1) == 0:
+            return f"{bits_per_s / scale:g}{unit}"
+    return f"{bits_per_s}bit"
+
+
+@dataclass(frozen=True)
+class TbfParams:
+    """Arguments of one ``tc qdisc add ... tbf`` (rate in bits/s, burst in bytes, latency in ms)."""
+
+    rate_bits: int
+    burst_bytes: int
+    latency_ms: float
+
+    def tc_args(self) -> list[str]:
+        return ["tbf", "rate", f"{self.rate_bits}bit", "burst", str(self.burst_bytes),
+                "latency", f"{self.latency_ms:g}ms"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class EmulatedClusterSpec:
+    """``nodes`` emulated nodes with ``procs_per_node`` ranks each; ranks are numbered node-major
+    (node n holds ranks ``n*procs_per_node ..``), as :class:`fsmoe.parallel.dims.ParallelDims` assumes.
+
+    ``link``: each node's uplink and downlink rate (see :func:`parse_rate`), or ``"unshaped"`` for
+    namespaces without shaping. ``latency_ms``: tbf's queue bound (see the module doc).
+    ``burst_bytes``: the token bucket; None picks max(64 KiB, 4 ms of line rate)."""
+
+    nodes: int
+    procs_per_node: int
+    link: str = "1gbit"
+    latency_ms: float = 50.0
+    burst_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ValueError(f"EmulatedClusterSpec: nodes={self.nodes} must be in 1..{MAX_NODES}")
+        if self.procs_per_node < 1:
+            raise ValueError(f"EmulatedClusterSpec: procs_per_node={self.procs_per_node} must be >= 1")
+        if not self.latency_ms > 0:
+            raise ValueError(f"EmulatedClusterSpec: latency_ms={self.latency_ms} must be > 0 (50 avoids drops)")
+        if self.burst_bytes is not None and self.burst_bytes < 2048:
+            raise ValueError(f"EmulatedClusterSpec: burst_bytes={self.burst_bytes} must be >= 2048 (one packet)")
+        parse_rate(self.link)  # raises ValueError naming the accepted forms
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def rate_bits(self) -> int | None:
+        """The link rate in bits/s, or None when unshaped."""
+        return parse_rate(self.link)
+
+    @property
+    def shaped(self) -> bool:
+        return self.rate_bits is not None
+
+    def tbf(self) -> TbfParams | None:
+        """The shaper of every uplink and downlink, or None when unshaped."""
+        rate = self.rate_bits
+        if rate is None:
+            return None
+        burst = self.burst_bytes or max(_MIN_BURST_BYTES, int(rate / 8 * _BURST_SECONDS))
+        return TbfParams(rate_bits=rate, burst_bytes=burst, latency_ms=self.latency_ms)
+
+    def node_of(self, rank: int) -> int:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside 0..{self.world_size - 1}")
+        return rank // self.procs_per_node
+
+    def describe(self) -> str:
+        """One line for logs: ``2 nodes x 2 ranks, links 1gbit (tbf queue 50 ms)``."""
+        links = format_rate(self.rate_bits)
+        queue = f" (tbf queue {self.latency_ms:g} ms)" if self.shaped else ""
+        return f"{self.nodes} nodes x {self.procs_per_node} ranks, links {links}{queue}"
