@@ -79,7 +79,9 @@ class RoutingGrid(nn.Module):
                 aux, dropped, assigned = aux + s.aux_loss, dropped + s.num_dropped, assigned + s.num_assignments
             rows.append(torch.stack(row, dim=1))
         out = torch.stack(rows, dim=0)  # (gb, B/gb, gs, L/gs, D)
-        self.last_stats = MoEStats(aux, dropped, assigned)
+        # Each rank's loss carries its own group's aux loss and the trainer averages losses over ranks,
+        # so the reference averages the groups' aux losses.
+        self.last_stats = MoEStats(aux / (gb * gs), dropped, assigned)
         return out.reshape(B, L, D)
 
 

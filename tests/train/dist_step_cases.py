@@ -1,0 +1,98 @@
+"""Rank-side body of the distributed training-step test (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fsmoe.models.gpt_moe import GPTMoEConfig
+from fsmoe.moe.config import MoEConfig
+from fsmoe.moe.experts import shard_index
+from fsmoe.parallel.dims import build_groups
+from fsmoe.parallel.parallelize import reference_grid
+from fsmoe.train.distributed import DistContext, ParallelConfig, clip_grads_
+from fsmoe.train.trainer import TrainConfig, build_model, build_optimizer
+
+
+def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords, e: int, h: int, mp: int):  # noqa: ANN001
+    """The part of the single-process tensor ``ref[...]`` that the distributed parameter ``name`` holds."""
+    if ".mlp.experts." in name:
+        full = ref[name.replace(".mlp.experts.", ".mlp.layer.experts.")]
+        return full[shard_index(name.rsplit(".", 1)[1], p.shape, coords.ep * e, coords.esp * h)]
+    if ".mlp.gate." in name:
+        return ref[name.replace(".mlp.gate.", ".mlp.layer.gate.")]
+    if ".attn.proj_bias" in name:
+        return ref[name.replace(".attn.proj_bias", ".attn.proj.bias")]
+    if ".attn.qkv." in name and mp > 1:
+        full = ref[name]
+        D3, d = full.shape[0], p.shape[0] // 3
+        rows = torch.cat([torch.arange(k * D3 // 3 + coords.mp * d, k * D3 // 3 + (coords.mp + 1) * d) for k in range(3)])
+        return full[rows]
+    if ".attn.proj.weight" in name and mp > 1:
+        d = p.shape[1]
+        return ref[name][:, coords.mp * d : (coords.mp + 1) * d]
+    return ref[name]
+
+
+def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int, esp: int,
+                            schedules: tuple[tuple[str, int, int], ...], expert: str = "ffn") -> list[tuple[str, dict]]:
+    model_cfg = GPTMoEConfig(
+        seq_len=16, d_model=16, n_layers=2, n_heads=4, d_ff=32,
+        moe=MoEConfig(num_experts=4, top_k=2, d_hidden=32, expert=expert, capacity_factor=1.0),
+    )
+    results = []
+    groups = None
+    for sched, r_fwd, r_bwd in schedules:
+        par = ParallelConfig(nproc=world, procs_per_node=ppn, mp=mp, ep=ep, esp=esp, schedule=sched,
+                             r_fwd=r_fwd, r_bwd=r_bwd)
+        cfg = TrainConfig(model=model_cfg, batch_size=4, parallel=par, lr=1e-2, grad_clip=0.5, warmup=0)
+        if groups is None:
+            groups = build_groups(par.dims(), channels=2)
+        ctx = DistContext(rank, world, groups)
+        dims = par.dims()
+        coords = dims.rank_layout(rank)
+
+        gen = torch.Generator().manual_seed(7)
+        x_BL = torch.randint(0, 256, (cfg.batch_size, model_cfg.seq_len), generator=gen)
+        y_BL = torch.randint(0, 256, (cfg.batch_size, model_cfg.seq_len), generator=gen)
+
+        # Single-process reference: the same model, each rank's tokens routed as one group.
+        ref = reference_grid(build_model(dataclasses.replace(cfg, parallel=ParallelConfig()), None),
+                             dims.dense_dp, mp)
+        out = ref(x_BL, y_BL)
+        (out.loss + out.aux_loss).backward()
+        ref_norm = clip_grads_(ref, cfg.grad_clip, 1, None)
+        ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        ref_opt = build_optimizer(ref, cfg)
+        for group in ref_opt.param_groups:
+            group["lr"] = cfg.lr
+        ref_opt.step()
+        ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+
+        # Distributed step, exactly as the trainer does it.
+        from fsmoe.parallel.grad_sync import GradSync
+
+        model = build_model(cfg, ctx)
+        rows = cfg.batch_size // dims.dense_dp
+        mine = slice(coords.dp * rows, (coords.dp + 1) * rows)
+        out_d = model(x_BL[mine], y_BL[mine])
+        (out_d.loss + out_d.aux_loss).backward()
+        GradSync(model, groups).sync()
+        norm = clip_grads_(model, cfg.grad_clip, world, groups)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, cfg)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr
+        opt.step()
+
+        loss = out_d.loss.detach().clone()
+        torch.distributed.all_reduce(loss)
+        e = model_cfg.moe.num_experts // ep
+        h = model_cfg.moe.d_hidden // esp
+        errs = {"loss": abs(float(loss) / world - float(out.loss.detach())), "grad_norm": abs(norm - ref_norm)}
+        for n, p in model.named_parameters():
+            errs[f"grad:{n}"] = float((grads[n] - _ref_slice(n, p, ref_grads, coords, e, h, mp)).abs().max())
+            errs[f"param:{n}"] = float((p.detach() - _ref_slice(n, p, ref_params, coords, e, h, mp)).abs().max())
+        results.append((f"{sched}/{r_fwd}/{r_bwd}", errs))
+    return results
