@@ -100,32 +100,25 @@ def _median_max(fn: Callable[[], None], reps: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
-def _a2a(nbytes: int, group: dist.ProcessGroup, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _a2a(nbytes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     numel = max(size, nbytes // 4 // size * size)  # float32, divisible by the group size
     return torch.randn(numel), torch.empty(numel)
 
 
-def measure_links(
-    rank: int, world_size: int, *, procs_per_node: int, nbytes: int, reps: int = 5, warmup: int = 1
-) -> LinkTiming:
-    """Time an AlltoAll of ``nbytes`` per rank on the intra- and on the inter-node groups."""
-    groups = _groups(world_size, procs_per_node)
+def _time_links(groups: ProcessGroups, nbytes: int, reps: int, warmup: int) -> LinkTiming:
     times = {}
     for kind in ("esp", "ep"):
         group, size = groups.group(kind), groups.size(kind)
-        x, out = _a2a(nbytes, group, size)
+        x, out = _a2a(nbytes, size)
         times[kind] = _median_max(lambda g=group, x=x, out=out: all_to_all_into(out, x, g), reps, warmup)
-    return LinkTiming(nbytes=nbytes, nodes=world_size // procs_per_node, procs_per_node=procs_per_node,
+    dims = groups.dims
+    return LinkTiming(nbytes=nbytes, nodes=dims.num_nodes, procs_per_node=dims.procs_per_node,
                       intra_s=times["esp"], inter_s=times["ep"])
 
 
-def measure_overlap(
-    rank: int, world_size: int, *, procs_per_node: int, nbytes: int, matmul_n: int, reps: int = 5, warmup: int = 1
-) -> OverlapTiming:
-    """Time a ``matmul_n``-square matmul, an inter-node AlltoAll of ``nbytes``, and both overlapped."""
-    groups = _groups(world_size, procs_per_node)
-    group, size = groups.ep, groups.size("ep")
-    x, out = _a2a(nbytes, group, size)
+def _time_overlap(groups: ProcessGroups, nbytes: int, matmul_n: int, reps: int, warmup: int) -> OverlapTiming:
+    group = groups.ep
+    x, out = _a2a(nbytes, groups.size("ep"))
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
 
     def matmul() -> None:
@@ -147,3 +140,55 @@ def measure_overlap(
         a2a_s=_median_max(a2a, reps, warmup),
         both_s=_median_max(both, reps, warmup),
     )
+
+
+def _matching_matmul_n(target_s: float, reps: int) -> int:
+    """A square matmul size whose time is close to ``target_s`` on the slowest rank (same n everywhere:
+    the probe time is MAX-reduced). Cost grows as n³; n is a multiple of 64 in 128..4096."""
+    probe_n = 512
+    a = torch.randn(probe_n, probe_n)
+    t = _median_max(lambda: torch.mm(a, a), reps, 1)
+    n = probe_n * (target_s / t) ** (1 / 3)
+    return int(min(4096, max(128, round(n / 64) * 64)))
+
+
+def measure_links(
+    rank: int, world_size: int, *, procs_per_node: int, nbytes: int, reps: int = 5, warmup: int = 1
+) -> LinkTiming:
+    """Time an AlltoAll of ``nbytes`` per rank on the intra- and on the inter-node groups."""
+    return _time_links(_groups(world_size, procs_per_node), nbytes, reps, warmup)
+
+
+def measure_overlap(
+    rank: int, world_size: int, *, procs_per_node: int, nbytes: int, matmul_n: int | None = None,
+    reps: int = 5, warmup: int = 1,
+) -> OverlapTiming:
+    """Time a ``matmul_n``-square matmul, an inter-node AlltoAll of ``nbytes``, and both overlapped.
+    ``matmul_n=None`` sizes the matmul to take about as long as the AlltoAll (the hardest case)."""
+    groups = _groups(world_size, procs_per_node)
+    if matmul_n is None:
+        matmul_n = _matching_matmul_n(_time_links(groups, nbytes, reps, warmup).inter_s, reps)
+    return _time_overlap(groups, nbytes, matmul_n, reps, warmup)
+
+
+@dataclass(frozen=True)
+class LinkSurvey:
+    """:func:`survey`'s result: link timings per message size, then one overlap measurement."""
+
+    links: tuple[LinkTiming, ...]
+    overlap: OverlapTiming | None
+
+
+def survey(
+    rank: int, world_size: int, *, procs_per_node: int, sizes: tuple[int, ...], overlap_nbytes: int | None,
+    reps: int = 5, warmup: int = 1,
+) -> LinkSurvey:
+    """:func:`measure_links` for every size and :func:`measure_overlap` (matched matmul), on one set
+    of groups: what ``benchmarks/cluster_links.py`` runs per cluster."""
+    groups = _groups(world_size, procs_per_node)
+    links = tuple(_time_links(groups, n, reps, warmup) for n in sizes)
+    overlap = None
+    if overlap_nbytes is not None:
+        n = _matching_matmul_n(_time_links(groups, overlap_nbytes, reps, warmup).inter_s, reps)
+        overlap = _time_overlap(groups, overlap_nbytes, n, reps, warmup)
+    return LinkSurvey(links=links, overlap=overlap)

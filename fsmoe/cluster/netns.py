@@ -113,12 +113,12 @@ def create_topology(topo: Topology, tbf: TbfParams | None) -> None:
     for ns in topo.namespaces:
         _ip(None, "netns", "add", ns)
     hub = topo.hub
-    _ip(hub, "link", "add", BRIDGE, "type", "bridge")
+    _ip(hub, "link", "add", "name", BRIDGE, "type", "bridge")
     _ip(hub, "link", "set", "dev", BRIDGE, "addrgenmode", "none")
     _ip(hub, "link", "set", "dev", BRIDGE, "up")
     for node, (ns, addr) in enumerate(zip(topo.nodes, topo.addresses, strict=True)):
         port = topo.hub_port(node)
-        _ip(hub, "link", "add", port, "type", "veth", "peer", "name", topo.ifname, "netns", ns)
+        _ip(hub, "link", "add", "name", port, "type", "veth", "peer", "name", topo.ifname, "netns", ns)
         _ip(hub, "link", "set", "dev", port, "addrgenmode", "none")
         _ip(hub, "link", "set", "dev", port, "master", BRIDGE, "up")
         _ip(ns, "link", "set", "dev", "lo", "up")
@@ -220,9 +220,9 @@ def check_privileges() -> str | None:
     except ClusterSetupError as err:
         return f"cannot create network namespaces{who}: {err}"
     try:
-        _ip(probe, "link", "add", BRIDGE, "type", "bridge")
-        _ip(probe, "link", "add", "a", "type", "veth", "peer", "name", "b")
-        _tc(probe, "qdisc", "add", "dev", "a", "root", *TbfParams(10**9, 65536, 50.0).tc_args())
+        _ip(probe, "link", "add", "name", BRIDGE, "type", "bridge")
+        _ip(probe, "link", "add", "name", "probe0", "type", "veth", "peer", "name", "probe1")
+        _tc(probe, "qdisc", "add", "dev", "probe0", "root", *TbfParams(10**9, 65536, 50.0).tc_args())
     except ClusterSetupError as err:
         return f"cannot build a bridge, veths and a tbf shaper{who}: {err}"
     finally:

@@ -151,8 +151,8 @@ def clip_grads_(model: nn.Module, max_norm: float, world: int, groups: ProcessGr
     return float(norm)
 
 
-def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run ``python -m fsmoe <argv>`` on ``nproc`` local ranks with torch's elastic launcher; returns
+def launch(argv: Sequence[str], nproc: int, module: str = "fsmoe") -> int:
+    """Run ``python -m <module> <argv>`` on ``nproc`` local ranks with torch's elastic launcher; returns
     0 when every rank succeeded, 1 otherwise (the launcher has then stopped the remaining ranks)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -164,7 +164,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "fsmoe", *argv)
+        elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
     except ChildFailedError as err:
         print(f"fsmoe: a rank failed, all ranks were stopped:\n{err.format_msg()}", file=sys.stderr, flush=True)
         return 1

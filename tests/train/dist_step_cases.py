@@ -26,8 +26,8 @@ def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords,
         return ref[name.replace(".attn.proj_bias", ".attn.proj.bias")]
     if ".attn.qkv." in name and mp > 1:
         full = ref[name]
-        D3, d = full.shape[0], p.shape[0] // 3
-        rows = torch.cat([torch.arange(k * D3 // 3 + coords.mp * d, k * D3 // 3 + (coords.mp + 1) * d) for k in range(3)])
+        D, d = full.shape[0] // 3, p.shape[0] // 3
+        rows = torch.cat([torch.arange(k * D + coords.mp * d, k * D + (coords.mp + 1) * d) for k in range(3)])
         return full[rows]
     if ".attn.proj.weight" in name and mp > 1:
         d = p.shape[1]
