@@ -87,6 +87,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     par.add_argument("--schedule", choices=list(SCHEDULES), default=pd.schedule, help="MoE block schedule")
     par.add_argument("--r-fwd", type=int, default=pd.r_fwd, help="forward pipeline degree")
     par.add_argument("--r-bwd", type=int, default=pd.r_bwd, help="backward pipeline degree")
+    par.add_argument("--gar-plan", default=None,
+                     help="gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready' (default: the schedule's)")
     par.add_argument("--trace", default=None, help="write a Chrome-trace JSON of the MoE tasks (rank 0)")
     p.set_defaults(handler=_handle_train)
 
@@ -133,6 +135,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         parallel=ParallelConfig(
             nproc=args.nproc, procs_per_node=args.procs_per_node, mp=args.mp, ep=args.ep, esp=args.esp,
             dispatcher=args.dispatcher, schedule=args.schedule, r_fwd=args.r_fwd, r_bwd=args.r_bwd,
+            gar_plan=args.gar_plan,
         ),
         trace=args.trace,
     )

@@ -13,7 +13,9 @@ replace it, and expert parallelism enters through the MoE layer's dispatcher.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,20 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+class _OnBackward(torch.autograd.Function):
+    """Identity; its backward calls ``fn`` when the gradient of its output is complete."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[], None]) -> Tensor:
+        ctx.fn = fn
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.fn()
+        return grad, None
+
+
 class Block(nn.Module):
     """Pre-LN transformer block; ``mlp`` is either :class:`MLP` or :class:`MoELayer`."""
 
@@ -162,6 +178,9 @@ class Block(nn.Module):
             MoELayer.from_config(cfg.moe, cfg.d_model) if moe else MLP(cfg.d_model, cfg.d_ff, out_std)
         )
         self.drop = nn.Dropout(cfg.dropout)
+        # Called in backward once the MLP/MoE branch is done, before this block's attention backward
+        # (where a planned gradient all-reduce can overlap it); None costs nothing.
+        self.grad_slot: Callable[[], None] | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -169,6 +188,8 @@ class Block(nn.Module):
 
     def forward(self, x_BLD: Tensor) -> Tensor:
         x_BLD = x_BLD + self.drop(self.attn(self.ln1(x_BLD)))
+        if self.grad_slot is not None:
+            x_BLD = _OnBackward.apply(x_BLD, self.grad_slot)
         return x_BLD + self.drop(self.mlp(self.ln2(x_BLD)))
 
 

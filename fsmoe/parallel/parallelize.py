@@ -12,6 +12,8 @@ route each rank's tokens as a separate routing group, so "distributed == single-
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,7 @@ from fsmoe.moe.dispatch import Dispatcher, build_dispatcher
 from fsmoe.moe.experts import build_experts
 from fsmoe.moe.layer import MoELayer, MoEStats
 from fsmoe.parallel.dims import ProcessGroups
+from fsmoe.parallel.grad_plan import TAIL, PlannedGradSync, StreamLayout, order_stream
 from fsmoe.parallel.grad_sync import mark_replicas
 from fsmoe.parallel.tensor_parallel import TensorParallelAttention
 
@@ -51,6 +54,56 @@ def parallelize_gpt(model: nn.Module, groups: ProcessGroups, dispatcher: str = "
             block.mlp = shard_moe_layer(block.mlp, groups, disp)
     model.seq_shard = (coords.mp, dims.mp)
     return model
+
+
+def gpt_gradient_stream(model: nn.Module) -> StreamLayout:
+    """The gradient stream of a GPT-MoE (see :mod:`fsmoe.parallel.grad_plan`): slots ``moe:i`` and
+    ``dense:i`` from the last block to the first, then ``tail``; each parameter ready at the first slot
+    after backward completes it. Tied or embedding parameters finish last (``tail``)."""
+    blocks = list(model.blocks)
+    slots: list[str] = []
+    first_of: dict[int, str] = {}
+    for i in reversed(range(len(blocks))):
+        if isinstance(blocks[i].mlp, MoELayer):
+            slots.append(f"moe:{i}")
+        slots.append(f"dense:{i}")
+        first_of[i] = slots[-2] if isinstance(blocks[i].mlp, MoELayer) else slots[-1]
+    slots.append(TAIL)
+    index = {s: k for k, s in enumerate(slots)}
+    triples = []
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            i = int(parts[1])
+            if parts[2] in ("ln2", "mlp"):
+                ready = index[f"dense:{i}"]
+            else:  # ln1, attn: done when block i's backward ends, i.e. at block i-1's first slot
+                ready = index[first_of[i - 1]] if i > 0 else index[TAIL]
+        elif parts[0] in ("ln_f", "head"):
+            ready = 0
+        else:  # embeddings (and a head tied to them) accumulate until the very end
+            ready = index[TAIL]
+        triples.append((name, p, ready))
+    return order_stream(triples, slots)
+
+
+def attach_gradient_plan(model: nn.Module, sync: PlannedGradSync, blocking_in_moe: bool = True) -> None:
+    """Wire the plan's slots into the model: ``dense:i`` as block i's backward hook, ``moe:i`` as MoE
+    layer i's Gradient-AllReduce task (its pipeline must run a schedule with a GAR slot)."""
+    for slot in sync.slots_used():
+        kind, i = slot.split(":")
+        block = model.blocks[int(i)]
+        if kind == "dense":
+            block.grad_slot = partial(sync.fire, slot)
+        else:
+            pipe = getattr(block.mlp, "pipeline", None)
+            if pipe is None or not pipe.spec.gar_in_moe:
+                runs = "no pipelined schedule" if pipe is None else f"schedule {pipe.spec.name!r}"
+                raise ValueError(
+                    f"gradient plan uses slot {slot!r}, but MoE layer {i} runs {runs}, "
+                    "which has no Gradient-AllReduce slot"
+                )
+            pipe.gar = partial(sync.fire, slot, wait=blocking_in_moe)
 
 
 class RoutingGrid(nn.Module):
@@ -93,4 +146,5 @@ def reference_grid(model: nn.Module, batch_groups: int, seq_groups: int) -> nn.M
     return model
 
 
-__all__ = ["RoutingGrid", "parallelize_gpt", "reference_grid", "shard_moe_layer"]
+__all__ = ["RoutingGrid", "attach_gradient_plan", "gpt_gradient_stream", "parallelize_gpt", "reference_grid",
+           "shard_moe_layer"]

@@ -12,7 +12,8 @@ Schedules (``SCHEDULES``):
   sequential    r = 1, one comm channel, GAR after backward (DeepSpeed-MoE)
   tutel         pipelined, one comm channel, r_fwd = r_bwd, GAR after backward
   tutel_improved  tutel + GAR overlapped with the dense backward (not inside the MoE block)
-  lina          tutel + GAR in fixed-size chunks, AlltoAll first (chunks after the MoE block)
+  lina          tutel + GAR in fixed 30 MB chunks launched as soon as ready, inside the MoE backward and
+                the dense parts, without occupying the inter channel (AlltoAll keeps its FIFO place)
   fsmoe_no_iio  one comm channel, r_fwd ≠ r_bwd allowed, planned GAR slot inside the MoE backward
   fsmoe         separate intra/inter channels, r_fwd ≠ r_bwd, planned GAR slot inside the MoE backward
 """
@@ -32,13 +33,15 @@ class ScheduleSpec:
     independent_degrees: bool  # r_fwd ≠ r_bwd allowed
     gar_in_moe: bool  # the layer's GAR slice runs inside the MoE backward
     gar_overlap_dense: bool  # the remaining GAR overlaps the dense backward
+    gar_chunk_bytes: int | None = None  # fixed-size GAR chunks (Lina); None: planned ranges
+    gar_blocking: bool = True  # a GAR slice inside the MoE block occupies the inter channel until done
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
     "sequential": ScheduleSpec("sequential", False, False, False, False, False),
     "tutel": ScheduleSpec("tutel", False, True, False, False, False),
     "tutel_improved": ScheduleSpec("tutel_improved", False, True, False, False, True),
-    "lina": ScheduleSpec("lina", False, True, False, False, True),
+    "lina": ScheduleSpec("lina", False, True, False, True, True, gar_chunk_bytes=30 * 2**20, gar_blocking=False),
     "fsmoe_no_iio": ScheduleSpec("fsmoe_no_iio", False, True, True, True, True),
     "fsmoe": ScheduleSpec("fsmoe", True, True, True, True, True),
 }

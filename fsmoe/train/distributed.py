@@ -45,6 +45,7 @@ class ParallelConfig:
     schedule: str = "sequential"
     r_fwd: int = 1
     r_bwd: int = 1
+    gar_plan: str | None = None  # e.g. "moe:3=2MB,dense:3=ready"; None: the schedule's default plan
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:

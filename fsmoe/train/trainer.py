@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from fsmoe.models.gpt_moe import GPTMoE, GPTMoEConfig, gpt2_moe_tiny
 from fsmoe.moe.layer import MoEStats
+from fsmoe.parallel.grad_plan import PlannedGradSync, greedy_plan, parse_plan
 from fsmoe.parallel.grad_sync import GradSync
-from fsmoe.parallel.parallelize import parallelize_gpt
+from fsmoe.parallel.parallelize import attach_gradient_plan, gpt_gradient_stream, parallelize_gpt
 from fsmoe.schedule.pipelined import Pipeline
 from fsmoe.schedule.runtime import Runtime, chrome_trace
 from fsmoe.schedule.schedules import get_schedule
@@ -192,6 +193,27 @@ def build_model(cfg: TrainConfig, ctx: DistContext | None, runtime: Runtime | No
     return model
 
 
+def build_grad_sync(model: GPTMoE, cfg: TrainConfig, ctx: DistContext | None) -> GradSync | PlannedGradSync:
+    """Plain bucketed all-reduce after backward, or — for schedules that overlap it — a gradient plan:
+    the explicit ``parallel.gar_plan``, else launch every range as soon as it is ready (only in the
+    dense parts for tutel_improved; in fixed chunks for lina)."""
+    spec = get_schedule(cfg.parallel.schedule)
+    groups = None if ctx is None else ctx.groups
+    if not (spec.gar_in_moe or spec.gar_overlap_dense):
+        if cfg.parallel.gar_plan:
+            raise ValueError(f"schedule {spec.name!r} all-reduces gradients after backward; it takes no --gar-plan")
+        return GradSync(model, groups)
+    layout = gpt_gradient_stream(model)
+    if cfg.parallel.gar_plan:
+        plan = parse_plan(cfg.parallel.gar_plan, layout)
+    else:
+        allowed = (lambda slot: True) if spec.gar_in_moe else (lambda slot: slot.startswith("dense:"))
+        plan = greedy_plan(layout, allowed, chunk_bytes=spec.gar_chunk_bytes)
+    sync = PlannedGradSync(layout, plan, groups)
+    attach_gradient_plan(model, sync, blocking_in_moe=spec.gar_blocking)
+    return sync
+
+
 def run_train(cfg: TrainConfig) -> TrainResult:
     """Train from scratch as ``cfg`` says; see the module docstring for what is logged and written.
     With ``cfg.parallel.nproc > 1`` this runs on every launched rank (see :mod:`fsmoe.train.distributed`)."""
@@ -218,7 +240,7 @@ def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainRe
     model = build_model(cfg, ctx)
     model.train()
     opt = build_optimizer(model, cfg)
-    sync = GradSync(model, None if ctx is None else ctx.groups)
+    sync = build_grad_sync(model, cfg, ctx)
     par = cfg.parallel
     if main:
         layout = (f"{par.nproc} ranks (MP={par.mp}, EP={par.ep}, ESP={par.esp}, dispatcher {par.dispatcher}, "

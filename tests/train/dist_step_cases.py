@@ -12,7 +12,7 @@ from fsmoe.moe.experts import shard_index
 from fsmoe.parallel.dims import build_groups
 from fsmoe.parallel.parallelize import reference_grid
 from fsmoe.train.distributed import DistContext, ParallelConfig, clip_grads_
-from fsmoe.train.trainer import TrainConfig, build_model, build_optimizer
+from fsmoe.train.trainer import TrainConfig, build_grad_sync, build_model, build_optimizer
 
 
 def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords, e: int, h: int, mp: int):  # noqa: ANN001
@@ -36,16 +36,17 @@ def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords,
 
 
 def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int, esp: int,
-                            schedules: tuple[tuple[str, int, int], ...], expert: str = "ffn") -> list[tuple[str, dict]]:
+                            schedules: tuple[tuple[str, int, int] | tuple[str, int, int, str], ...],
+                            expert: str = "ffn") -> list[tuple[str, dict, list[str]]]:
     model_cfg = GPTMoEConfig(
         seq_len=16, d_model=16, n_layers=2, n_heads=4, d_ff=32,
         moe=MoEConfig(num_experts=4, top_k=2, d_hidden=32, expert=expert, capacity_factor=1.0),
     )
     results = []
     groups = None
-    for sched, r_fwd, r_bwd in schedules:
+    for sched, r_fwd, r_bwd, *plan in schedules:
         par = ParallelConfig(nproc=world, procs_per_node=ppn, mp=mp, ep=ep, esp=esp, schedule=sched,
-                             r_fwd=r_fwd, r_bwd=r_bwd)
+                             r_fwd=r_fwd, r_bwd=r_bwd, gar_plan=plan[0] if plan else None)
         cfg = TrainConfig(model=model_cfg, batch_size=4, parallel=par, lr=1e-2, grad_clip=0.5, warmup=0)
         if groups is None:
             groups = build_groups(par.dims(), channels=2)
@@ -71,14 +72,14 @@ def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int
         ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
 
         # Distributed step, exactly as the trainer does it.
-        from fsmoe.parallel.grad_sync import GradSync
-
         model = build_model(cfg, ctx)
+        sync = build_grad_sync(model, cfg, ctx)
         rows = cfg.batch_size // dims.dense_dp
         mine = slice(coords.dp * rows, (coords.dp + 1) * rows)
         out_d = model(x_BL[mine], y_BL[mine])
         (out_d.loss + out_d.aux_loss).backward()
-        GradSync(model, groups).sync()
+        sync.sync()
+        fired = [slot for slot, _ in getattr(sync, "history", [])]
         norm = clip_grads_(model, cfg.grad_clip, world, groups)
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt = build_optimizer(model, cfg)
@@ -94,5 +95,5 @@ def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int
         for n, p in model.named_parameters():
             errs[f"grad:{n}"] = float((grads[n] - _ref_slice(n, p, ref_grads, coords, e, h, mp)).abs().max())
             errs[f"param:{n}"] = float((p.detach() - _ref_slice(n, p, ref_params, coords, e, h, mp)).abs().max())
-        results.append((f"{sched}/{r_fwd}/{r_bwd}", errs))
+        results.append((f"{sched}/{r_fwd}/{r_bwd}/{plan}", errs, fired))
     return results

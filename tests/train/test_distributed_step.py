@@ -9,7 +9,12 @@ import pytest
 from tests.dist_utils import run_distributed
 from tests.train.dist_step_cases import train_step_vs_reference
 
-SCHEDULES = (("sequential", 1, 1), ("fsmoe", 2, 4), ("tutel", 2, 2))
+# The gradient plans: fsmoe with an explicit plan (part of block 1's gradients inside MoE layer 1's
+# backward, the rest as soon as ready), and the schedules' default plans.
+SCHEDULES = (
+    ("sequential", 1, 1), ("tutel", 2, 2), ("tutel_improved", 2, 2), ("lina", 4, 4), ("fsmoe", 2, 4),
+    ("fsmoe", 4, 2, "moe:1=ready,dense:1=1KB,dense:0=ready"), ("fsmoe_no_iio", 1, 2),
+)
 LAYOUTS = {"mp2xep2": (2, 2, 1), "mp2xep2xesp2": (2, 2, 2), "dp4xep4": (1, 4, 1)}
 
 
@@ -21,8 +26,12 @@ def test_train_step_matches_single_process(layout: str, expert: str) -> None:
                                expert=expert, timeout=180)
     failures, checked = [], 0
     for rank, results in enumerate(per_rank):
-        for case, errs in results:
+        for case, errs, fired in results:
             checked += len(errs)
+            if case.startswith(("fsmoe", "lina")):  # gradient ranges went out inside the MoE backward
+                assert fired and fired[0] == "moe:1" and fired[-1] == "tail", (case, fired)
+            if case.startswith("tutel_improved"):
+                assert "moe:1" not in fired and fired[0] == "dense:1", (case, fired)
             # Adam's first step is lr·g/(|g|+eps): for gradients near zero it magnifies fp32 rounding
             # differences up to ~lr, so updated parameters get 1% of lr (1e-4) while gradients get 1e-5.
             bad = {k: v for k, v in errs.items() if not v <= (1e-4 if k.startswith("param:") else 1e-5)}
