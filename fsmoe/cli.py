@@ -77,7 +77,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help="capacity factor f, or 'none' for no token dropping (default: the preset's)")
     par = p.add_argument_group("parallelism (ranks are started by fsmoe itself, or by torchrun)")
     pd = ParallelConfig()
-    par.add_argument("--nproc", type=int, default=pd.nproc, help="number of ranks (processes)")
+    par.add_argument("--nproc", type=int, default=None,
+                     help="number of ranks (processes); under torchrun: its WORLD_SIZE (leave it out there)")
     par.add_argument("--procs-per-node", type=int, default=None,
                      help="ranks per declared node (decides intra/inter groups); default: all on one node")
     par.add_argument("--mp", type=int, default=pd.mp, help="tensor-parallel degree of attention (+ sequence parallel)")
@@ -133,7 +134,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         threads=args.threads,
         max_seconds=args.max_seconds,
         parallel=ParallelConfig(
-            nproc=args.nproc, procs_per_node=args.procs_per_node, mp=args.mp, ep=args.ep, esp=args.esp,
+            nproc=args.nproc if args.nproc is not None else env_world_size(),
+            procs_per_node=args.procs_per_node, mp=args.mp, ep=args.ep, esp=args.esp,
             dispatcher=args.dispatcher, schedule=args.schedule, r_fwd=args.r_fwd, r_bwd=args.r_bwd,
             gar_plan=args.gar_plan,
         ),

@@ -112,7 +112,7 @@ def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
     if world != par.nproc:
         raise ValueError(
             f"--nproc {par.nproc} does not match the launcher's WORLD_SIZE={world}; "
-            "start with `fsmoe train --nproc N` or `torchrun --nproc-per-node N -m fsmoe train --nproc N`"
+            "start with `fsmoe train --nproc N` or `torchrun --nproc-per-node N -m fsmoe train ...`"
         )
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=par.timeout_s))

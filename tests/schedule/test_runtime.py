@@ -1,0 +1,83 @@
+"""The lane runtime: channel FIFO order, dependencies across lanes, error propagation, tracing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fsmoe.schedule.ir import Task
+from fsmoe.schedule.runtime import Runtime, chrome_trace
+from fsmoe.schedule.schedules import forward_tasks, get_schedule
+
+
+def test_tasks_respect_dependencies_and_channel_order() -> None:
+    log: list[str] = []
+    lock = threading.Lock()
+
+    def work(name: str, delay: float = 0.0):  # noqa: ANN202
+        def run(chunk: int) -> None:
+            time.sleep(delay)
+            with lock:
+                log.append(f"{name}{chunk}")
+        return run
+
+    rt = Runtime({"inter": "inter", "intra": "intra"})
+    tasks = forward_tasks(get_schedule("fsmoe"), 3)
+    # A slow first AlltoAll: everything of chunk 0 must still wait for it, and inter stays FIFO.
+    impls = {k: work(k) for k in ("gather", "expert", "reduce", "combine")}
+    impls["dispatch"] = lambda c: (time.sleep(0.05 if c == 0 else 0.0), log.append(f"dispatch{c}"))[1]
+    rt.run(tasks, impls)
+    pos = {name: i for i, name in enumerate(log)}
+    for c in range(3):
+        assert pos[f"dispatch{c}"] < pos[f"gather{c}"] < pos[f"expert{c}"] < pos[f"reduce{c}"] < pos[f"combine{c}"]
+    assert pos["dispatch0"] < pos["dispatch1"] < pos["dispatch2"]  # one FIFO lane
+    assert pos["combine0"] < pos["combine1"] < pos["combine2"]
+
+
+def test_one_lane_serialises_intra_and_inter() -> None:
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def comm(_: int) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        with lock:
+            active[0] -= 1
+
+    tasks = forward_tasks(get_schedule("tutel"), 4)
+    Runtime({"inter": "comm", "intra": "comm"}).run(
+        tasks, {"dispatch": comm, "gather": comm, "expert": lambda c: None, "reduce": comm, "combine": comm}
+    )
+    assert peak[0] == 1
+
+
+def test_a_failing_task_raises_in_the_caller_and_the_lanes_survive() -> None:
+    rt = Runtime({"inter": "inter", "intra": "intra"})
+    tasks = [Task("dispatch", 0, "inter"), Task("expert", 0, "compute", (("dispatch", 0),))]
+
+    def boom(_: int) -> None:
+        raise KeyError("lost chunk")
+
+    with pytest.raises(RuntimeError, match="another channel failed"):
+        rt.run(tasks, {"dispatch": boom, "expert": lambda c: None})
+    ran = []
+    rt.run(tasks, {"dispatch": lambda c: ran.append(c), "expert": lambda c: ran.append(c)})
+    assert ran == [0, 0]
+
+
+def test_trace_records_every_task_on_its_channel(tmp_path: Path) -> None:
+    rt = Runtime({"inter": "inter", "intra": "intra"}, rank=3, trace=True)
+    tasks = forward_tasks(get_schedule("fsmoe"), 2)
+    rt.run(tasks, {k: (lambda c: None) for k in ("dispatch", "gather", "expert", "reduce", "combine")})
+    assert sorted((e.name, e.channel) for e in rt.events) == sorted((f"{t.kind}[{t.chunk}]", t.channel) for t in tasks)
+    trace = chrome_trace(rt.events, str(tmp_path / "t.json"))
+    on_disk = json.loads((tmp_path / "t.json").read_text())
+    assert on_disk == trace
+    assert {e["pid"] for e in trace["traceEvents"]} == {3}
+    assert all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
