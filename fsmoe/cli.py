@@ -12,7 +12,11 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from fsmoe.bench.config import LAUNCHERS, LayerBenchConfig, quick_layer_config
+from fsmoe.bench.layer import run_layer_bench
+from fsmoe.cluster import ClusterUnavailable
 from fsmoe.models.gpt_moe import MODEL_PRESETS, GPTMoEConfig, model_preset
 from fsmoe.moe.config import EXPERT_NAMES, GATE_NAMES, ORDER_NAMES
 from fsmoe.schedule.schedules import SCHEDULES
@@ -158,7 +162,116 @@ def _handle_train(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+def _degree_pair(text: str) -> tuple[int, int]:
+    """``4/8`` -> (4, 8): a forward and a backward pipeline degree."""
+    fwd, sep, bwd = text.partition("/")
+    try:
+        pair = (int(fwd), int(bwd))
+    except ValueError:
+        pair = None
+    if not sep or pair is None:
+        raise argparse.ArgumentTypeError(f"expected R_FWD/R_BWD such as 4/8, got {text!r}")
+    return pair
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="side-by-side benchmarks on the emulated multi-node cluster")
+    which = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    d, q = LayerBenchConfig(), quick_layer_config()
+    lp = which.add_parser(
+        "layer", help="one MoE layer: our schedules at several degrees and DeepSpeed-MoE, interleaved",
+        description="Time one MoE layer's forward + backward (+ the dense Gradient-AllReduce) under every "
+                    "schedule and degree, with DeepSpeed-MoE beside them, interleaved round by round on an "
+                    "emulated cluster; report medians, ratios to the fastest fsmoe schedule and to the "
+                    "per-channel lower bound, and peak memory. Flags left out keep the defaults shown "
+                    "(--quick: small sizes that finish in about half a minute).",
+    )
+
+    def shown(value: object) -> str:
+        if isinstance(value, tuple):
+            return " ".join(f"{v[0]}/{v[1]}" if isinstance(v, tuple) else str(v) for v in value)
+        return str(value)
+
+    def flag(group: argparse._ArgumentGroup, name: str, field: str, help: str, **kw: Any) -> None:
+        default, quick = getattr(d, field), getattr(q, field)
+        extra = "" if quick == default else f"; --quick: {shown(quick)}"
+        kw.setdefault("metavar", {int: "N", float: "X"}.get(kw.get("type"), "NAME" if "choices" in kw else None))
+        if "choices" in kw:
+            help = f"{help}: {', '.join(kw['choices'])}"
+        told = "" if default is None else f" (default {shown(default)}{extra})"
+        group.add_argument(name, dest=field, default=None, help=f"{help}{told}", **kw)
+
+    layer = lp.add_argument_group("layer")
+    flag(layer, "--tokens", "tokens", "tokens per rank T", type=int)
+    flag(layer, "--d-model", "d_model", "model dim D", type=int)
+    flag(layer, "--hidden", "d_hidden", "expert hidden dim H", type=int)
+    flag(layer, "--experts", "experts", "experts E", type=int)
+    flag(layer, "--top-k", "top_k", "experts per token k", type=int)
+    flag(layer, "--capacity-factor", "capacity_factor", "capacity factor f", type=float)
+    flag(layer, "--gate", "gate", "router", choices=list(GATE_NAMES))
+    flag(layer, "--expert", "expert", "expert network", choices=list(EXPERT_NAMES))
+    flag(layer, "--order", "order", "token layout implementation", choices=list(ORDER_NAMES))
+    flag(layer, "--dense-grad-mb", "dense_grad_mb", "dense Gradient-AllReduce per layer, MiB", type=float)
+    cluster = lp.add_argument_group("cluster and layout")
+    flag(cluster, "--nodes", "nodes", "emulated nodes", type=int)
+    flag(cluster, "--procs-per-node", "procs_per_node", "ranks per node", type=int)
+    flag(cluster, "--ep", "ep", "expert-parallel degree", type=int)
+    flag(cluster, "--esp", "esp", "expert-sharding degree", type=int)
+    flag(cluster, "--link", "link", "each node's link rate (e.g. 1gbit, 200mbit) or 'unshaped'", metavar="RATE")
+    flag(cluster, "--burst", "burst_bytes", "tbf bucket bytes of every link (default: the cluster's)", type=int)
+    flag(cluster, "--dispatcher", "dispatcher", "AlltoAll algorithm",
+         choices=list(DISPATCHER_NAMES))
+    flag(cluster, "--launcher", "launcher", "emulated (namespaces), local (loopback, unshaped), or auto",
+         choices=LAUNCHERS)
+    impls = lp.add_argument_group("implementations")
+    flag(impls, "--schedules", "schedules", "schedules to run", nargs="+", choices=list(SCHEDULES))
+    flag(impls, "--r", "degrees", "pipeline degrees (r_fwd = r_bwd) for every pipelined schedule", nargs="+",
+         type=int)
+    flag(impls, "--mixed", "mixed_degrees", "extra R_FWD/R_BWD pairs for fsmoe", nargs="*", type=_degree_pair,
+         metavar="RF/RB")
+    impls.add_argument("--no-deepspeed", dest="include_deepspeed", action="store_false", default=None,
+                       help="leave DeepSpeed-MoE out (it is skipped with a note when not installed)")
+    run = lp.add_argument_group("run")
+    run.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: checks that all runs")
+    flag(run, "--reps", "reps", "timed rounds", type=int)
+    flag(run, "--warmup", "warmup", "untimed rounds first", type=int)
+    run.add_argument("--no-memory", dest="memory", action="store_false", default=None,
+                     help="skip the peak-memory pass")
+    flag(run, "--threads", "threads", "torch threads per rank", type=int)
+    flag(run, "--seed", "seed", "weights and inputs", type=int)
+    flag(run, "--timeout", "timeout_s", "seconds before the ranks are stopped", type=float)
+    flag(run, "--out", "out", "JSON result file", metavar="FILE")
+    flag(run, "--chart", "chart", "PNG bar chart (default: --out with .png)", metavar="FILE")
+    flag(run, "--trace", "trace", "Chrome-trace JSON of the fastest fsmoe step, every rank", metavar="FILE")
+    run.add_argument("--trace-all", dest="trace_all", action="store_true", default=None,
+                     help="with --trace: one trace file per implementation (<trace>-<name>.json)")
+    lp.set_defaults(handler=_handle_bench_layer)
+
+
+def bench_layer_config_from_args(args: argparse.Namespace) -> LayerBenchConfig:
+    """The defaults (or ``--quick``'s) with every given flag applied on top."""
+    base = quick_layer_config() if args.quick else LayerBenchConfig()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LayerBenchConfig)
+             if getattr(args, f.name, None) is not None}
+    for name in ("schedules", "degrees", "mixed_degrees"):
+        if name in given:
+            given[name] = tuple(given[name])
+    return base.replace(**given)
+
+
+def _handle_bench_layer(args: argparse.Namespace) -> int:
+    try:
+        cfg = bench_layer_config_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    try:
+        run_layer_bench(cfg)
+    except ClusterUnavailable as e:  # --launcher emulated where namespaces cannot be built
+        raise UsageError(str(e)) from e
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ really slower than intra-node (loopback) traffic and overlap can be measured.
 * :class:`EmulatedCluster` — context manager: builds the namespaces, ``launch(argv)`` runs a command as
   every rank with torchrun's variables, ``run_function(fn, *args)`` runs a function on every rank;
   removes everything on exit, Ctrl-C, SIGTERM and rank failure (:mod:`~fsmoe.cluster.launcher`).
+* :func:`launch_on_cluster` — ``open_cluster`` + ``launch`` in one call (what the CLI needs).
 * :func:`open_cluster` — the same, or an unshaped :class:`LocalCluster` with a warning where this machine
   cannot build namespaces; :func:`check_privileges` says why not; :func:`cleanup_stale` removes what
   dead runs left (:mod:`~fsmoe.cluster.netns`).
@@ -18,6 +19,7 @@ from fsmoe.cluster.launcher import (
     LocalCluster,
     RankFailed,
     RanksTimedOut,
+    launch_on_cluster,
     open_cluster,
 )
 from fsmoe.cluster.netns import ClusterSetupError, Topology, check_privileges, cleanup_stale, list_namespaces
@@ -37,6 +39,7 @@ __all__ = [
     "check_privileges",
     "cleanup_stale",
     "format_rate",
+    "launch_on_cluster",
     "list_namespaces",
     "open_cluster",
     "parse_rate",

@@ -14,6 +14,8 @@ Typical use (what ``fsmoe train --emulate-nodes 2 --link 1gbit`` does)::
     with open_cluster(spec, allow_unshaped=False) as cluster:   # ClusterUnavailable: say why
         code = cluster.launch([sys.executable, "-m", "fsmoe", "train", ...])
 
+or in one call, ``launch_on_cluster(spec, argv, allow_unshaped=...)``,
+
 and for tests and benchmarks, ``cluster.run_function(fn, *args)`` runs ``fn(rank, world_size, *args)``
 on every rank (an importable function; see :mod:`fsmoe.cluster.worker`) and returns the per-rank
 values.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import os
 import pickle
 import signal
@@ -97,10 +100,16 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    return ctypes.CDLL(None, use_errno=True).prctl  # loaded in the parent: no dlopen after fork
+
+
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    prctl = _prctl()
+
     def preexec() -> None:  # runs in the child between fork and exec
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent_pid:  # the launcher died before prctl took effect
             os._exit(1)
 
@@ -274,8 +283,10 @@ class _Launcher:
         if outcome.timed_out:
             missing = [rank for rank, r in enumerate(results) if r is None]
             tails = "\n".join(f"--- rank {r} ---\n{_log_tail(tmp, r)}" for r in missing)
-            raise RanksTimedOut(f"ranks {missing} did not finish within {outcome.seconds:.1f} s; all ranks "
-                                f"were killed. Their last output:\n{tails}")
+            raise RanksTimedOut(
+                f"ranks {missing} did not finish within {outcome.seconds:.1f} s; all ranks "
+                f"were killed. Their last output:\n{tails}"
+            )
         first = outcome.failed_rank
         failing = [first] if first is not None else []
         failing += [r for r, res in enumerate(results) if res is not None and not res[0] and r != first]
@@ -284,8 +295,9 @@ class _Launcher:
             if res is not None and not res[0]:
                 raise RankFailed(rank, res[1])  # type: ignore[arg-type]
         rank = first if first is not None else 0
-        raise RankFailed(rank, f"exited with status {outcome.code} without a traceback; its last output:\n"
-                               f"{_log_tail(tmp, rank)}")
+        raise RankFailed(
+            rank, f"exited with status {outcome.code} without a traceback; its last output:\n{_log_tail(tmp, rank)}"
+        )
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -407,6 +419,8 @@ class EmulatedCluster(_Launcher):
             return
         self._closing = True
         topo = self._topology
+        # A second Ctrl-C must not cut the removal short (it takes well under a second).
+        old_sigint = self._ignore_sigint()
         try:
             errors = destroy_namespaces(topo.namespaces)
             left = [ns for ns in list_namespaces(topo.tag + "-")]
@@ -418,6 +432,14 @@ class EmulatedCluster(_Launcher):
             self._topology = None
             atexit.unregister(self.close)
             self._restore_signal_handlers()
+            if old_sigint is not None:
+                signal.signal(signal.SIGINT, old_sigint)
+
+    @staticmethod
+    def _ignore_sigint() -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -483,6 +505,23 @@ def _unavailable_message(spec: EmulatedClusterSpec, reason: str) -> str:
         f"CAP_SYS_ADMIN and CAP_NET_ADMIN), or run unshaped on loopback, where inter-node traffic is as "
         f"fast as intra-node traffic and FSMoE's overlap has nothing to hide"
     )
+
+
+def launch_on_cluster(
+    spec: EmulatedClusterSpec,
+    argv: Sequence[str],
+    *,
+    allow_unshaped: bool = False,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    log_dir: str | Path | None = None,
+) -> int:
+    """:func:`open_cluster` + :meth:`~_Launcher.launch` + removal: what ``fsmoe train --emulate-nodes``
+    needs. Prints one line naming the cluster on stderr; returns the launch's exit status; raises
+    :class:`ClusterUnavailable` (unless ``allow_unshaped``) with a message to show the user."""
+    with open_cluster(spec, allow_unshaped=allow_unshaped) as cluster:
+        print(f"[fsmoe.cluster] {cluster.describe()}", file=sys.stderr, flush=True)
+        return cluster.launch(argv, env, timeout=timeout, log_dir=log_dir)
 
 
 def open_cluster(spec: EmulatedClusterSpec, *, allow_unshaped: bool = False) -> EmulatedCluster | LocalCluster:

@@ -8,6 +8,8 @@ traffic FSMoE's dispatch puts on the slow links.
 
 Timing: one sample is a barrier on the world, then one collective; every sample is all-reduced with
 MAX, because a collective ends when its slowest rank does; the median over ``reps`` samples is kept.
+Quantities that are compared (intra vs inter; matmul, AlltoAll, both) are sampled interleaved, rep by
+rep, so that load drifting on a shared machine touches them alike.
 All groups of a kind run at once (both nodes' ESP groups; every EP group), as in training.
 
 Bytes: ``nbytes`` is each rank's AlltoAll input. A node's uplink carries
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,25 +81,37 @@ class OverlapTiming:
 
 def _groups(world_size: int, procs_per_node: int) -> ProcessGroups:
     nodes = world_size // procs_per_node
-    dims = ParallelDims(world_size=world_size, procs_per_node=procs_per_node, dp=world_size,
-                        ep=nodes, esp=procs_per_node)
+    dims = ParallelDims(
+        world_size=world_size, procs_per_node=procs_per_node, dp=world_size, ep=nodes, esp=procs_per_node
+    )
     return build_groups(dims, backend="gloo")
 
 
-def _median_max(fn: Callable[[], None], reps: int, warmup: int) -> float:
-    """Median over ``reps`` of (barrier; time fn) with each sample's MAX over the world."""
+def _sample(fn: Callable[[], None]) -> float:
+    """One sample: barrier, time ``fn``, MAX over the world (a collective ends with its slowest rank)."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    return float(dt.item())
+
+
+def _medians(fns: Sequence[Callable[[], None]], reps: int, warmup: int) -> list[float]:
+    """Median of ``reps`` samples of each fn, interleaved rep by rep so that load drifting on a shared
+    machine affects every fn alike."""
     for _ in range(warmup):
-        dist.barrier()
-        fn()
-    samples = []
+        for fn in fns:
+            _sample(fn)
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        samples.append(float(dt.item()))
-    return statistics.median(samples)
+        for i, fn in enumerate(fns):
+            samples[i].append(_sample(fn))
+    return [statistics.median(s) for s in samples]
+
+
+def _median_max(fn: Callable[[], None], reps: int, warmup: int) -> float:
+    return _medians([fn], reps, warmup)[0]
 
 
 def _a2a(nbytes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,14 +120,20 @@ def _a2a(nbytes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _time_links(groups: ProcessGroups, nbytes: int, reps: int, warmup: int) -> LinkTiming:
-    times = {}
+    calls = []
     for kind in ("esp", "ep"):
         group, size = groups.group(kind), groups.size(kind)
         x, out = _a2a(nbytes, size)
-        times[kind] = _median_max(lambda g=group, x=x, out=out: all_to_all_into(out, x, g), reps, warmup)
+        calls.append(lambda g=group, x=x, out=out: all_to_all_into(out, x, g))
+    intra_s, inter_s = _medians(calls, reps, warmup)
     dims = groups.dims
-    return LinkTiming(nbytes=nbytes, nodes=dims.num_nodes, procs_per_node=dims.procs_per_node,
-                      intra_s=times["esp"], inter_s=times["ep"])
+    return LinkTiming(
+        nbytes=nbytes,
+        nodes=dims.num_nodes,
+        procs_per_node=dims.procs_per_node,
+        intra_s=intra_s,
+        inter_s=inter_s,
+    )
 
 
 def _time_overlap(groups: ProcessGroups, nbytes: int, matmul_n: int, reps: int, warmup: int) -> OverlapTiming:
@@ -133,13 +153,8 @@ def _time_overlap(groups: ProcessGroups, nbytes: int, matmul_n: int, reps: int, 
         assert work is not None
         work.wait()
 
-    return OverlapTiming(
-        nbytes=nbytes,
-        matmul_n=matmul_n,
-        matmul_s=_median_max(matmul, reps, warmup),
-        a2a_s=_median_max(a2a, reps, warmup),
-        both_s=_median_max(both, reps, warmup),
-    )
+    matmul_s, a2a_s, both_s = _medians([matmul, a2a, both], reps, warmup)
+    return OverlapTiming(nbytes=nbytes, matmul_n=matmul_n, matmul_s=matmul_s, a2a_s=a2a_s, both_s=both_s)
 
 
 def _matching_matmul_n(target_s: float, reps: int) -> int:
@@ -160,8 +175,14 @@ def measure_links(
 
 
 def measure_overlap(
-    rank: int, world_size: int, *, procs_per_node: int, nbytes: int, matmul_n: int | None = None,
-    reps: int = 5, warmup: int = 1,
+    rank: int,
+    world_size: int,
+    *,
+    procs_per_node: int,
+    nbytes: int,
+    matmul_n: int | None = None,
+    reps: int = 5,
+    warmup: int = 1,
 ) -> OverlapTiming:
     """Time a ``matmul_n``-square matmul, an inter-node AlltoAll of ``nbytes``, and both overlapped.
     ``matmul_n=None`` sizes the matmul to take about as long as the AlltoAll (the hardest case)."""
@@ -180,8 +201,14 @@ class LinkSurvey:
 
 
 def survey(
-    rank: int, world_size: int, *, procs_per_node: int, sizes: tuple[int, ...], overlap_nbytes: int | None,
-    reps: int = 5, warmup: int = 1,
+    rank: int,
+    world_size: int,
+    *,
+    procs_per_node: int,
+    sizes: tuple[int, ...],
+    overlap_nbytes: int | None,
+    reps: int = 5,
+    warmup: int = 1,
 ) -> LinkSurvey:
     """:func:`measure_links` for every size and :func:`measure_overlap` (matched matmul), on one set
     of groups: what ``benchmarks/cluster_links.py`` runs per cluster."""

@@ -196,8 +196,7 @@ def cleanup_stale() -> list[str]:
     exists. Namespaces of live runs are left alone (if the pid was reused, the leftover stays until
     that process ends). Returns the removed names."""
     stale = [
-        ns for ns in list_namespaces()
-        if (m := _NAME_RE.match(ns)) is not None and not _alive(int(m.group("pid")))
+        ns for ns in list_namespaces() if (m := _NAME_RE.match(ns)) is not None and not _alive(int(m.group("pid")))
     ]
     destroy_namespaces(stale)
     return stale

@@ -11,6 +11,11 @@ propagation delay and no loss model):
 * ``latency_ms`` is tbf's *queue* bound (how long a packet may wait in the shaper before it is
   dropped), not a delay added to every packet. Below ~50 ms large messages see drops and TCP
   retransmits, so 50 ms is the default and the floor we recommend.
+* what gloo gets out of a link (measured with ``benchmarks/cluster_links.py``): one direction alone
+  ~95% of the rate; an AlltoAll, which sends both ways at once over one TCP connection per rank pair,
+  between ~50% and ~95% per direction (samples switch between the two regimes; plain TCP over one
+  socket gets ~95% both ways, so the shaper itself is not the limit). Treat ``link`` as a ceiling;
+  fsmoe's profiler measures the real groups anyway.
 * ``burst`` is the bucket depth: at least 64 KiB (one GSO super-packet) and 1 ms of line rate. A
   deeper bucket lets the first ``burst`` bytes of every message through at once (at 1 Gbit/s a 500 KB
   bucket made a 1 MiB AlltoAll look 1.4 Gbit/s fast); a shallower one costs steady-state rate.
@@ -69,8 +74,15 @@ class TbfParams:
     latency_ms: float
 
     def tc_args(self) -> list[str]:
-        return ["tbf", "rate", f"{self.rate_bits}bit", "burst", str(self.burst_bytes),
-                "latency", f"{self.latency_ms:g}ms"]
+        return [
+            "tbf",
+            "rate",
+            f"{self.rate_bits}bit",
+            "burst",
+            str(self.burst_bytes),
+            "latency",
+            f"{self.latency_ms:g}ms",
+        ]
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -88,8 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=call["timeout"]))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=call["timeout"]))
         value = pickle.dumps(fn(rank, world_size, *args, **kwargs))
     except BaseException:  # noqa: BLE001 - everything goes back to the launcher
         _write_result(results, rank, False, traceback.format_exc())

@@ -1,0 +1,89 @@
+"""``fsmoe bench layer``: one MoE layer configuration, several implementations side by side in one run.
+
+Legend: T tokens per rank, D model dim, H expert hidden, E experts, K top-k, R pipeline degree.
+
+:func:`run_layer_bench` starts the ranks on an emulated cluster (:mod:`fsmoe.cluster`: one network
+namespace per node, tbf-shaped links) — or, where this machine cannot build one, unshaped on loopback
+with a warning — and runs :func:`fsmoe.bench.rank.layer_bench_rank` on every rank: our layer under
+each schedule and degree, DeepSpeed-MoE beside it, and the per-channel probes of the lower bound, all
+interleaved round by round (see :mod:`fsmoe.bench.rank`). It then prints a markdown table and writes
+the JSON (``cfg.out``), a bar chart (PNG) and, with ``cfg.trace``, a Chrome trace of the fastest
+``fsmoe`` step (every rank; open it in Perfetto).
+
+What the numbers are is documented in :mod:`fsmoe.bench.summary` (medians, ratios, lower bound,
+memory) and :mod:`fsmoe.bench.impls` (what one step and one probe run).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from fsmoe.bench.config import DEEPSPEED, LayerBenchConfig
+from fsmoe.bench.rank import RankResult, layer_bench_rank
+from fsmoe.bench.report import env_info, format_markdown, write_chart, write_json, write_traces
+from fsmoe.bench.summary import summarize
+from fsmoe.cluster import EmulatedCluster, LocalCluster, open_cluster
+
+
+def _cluster(cfg: LayerBenchConfig) -> EmulatedCluster | LocalCluster:
+    spec = cfg.cluster_spec()
+    if cfg.launcher == "emulated":
+        return EmulatedCluster(spec)
+    if cfg.launcher == "local":
+        return LocalCluster(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cluster = open_cluster(spec, allow_unshaped=True)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    return cluster
+
+
+def _estimate(cfg: LayerBenchConfig) -> str:
+    n = len(cfg.impls())
+    return f"{n} implementations x {cfg.warmup + cfg.reps} rounds (+ probes, memory pass)"
+
+
+def run_layer_bench(cfg: LayerBenchConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark of ``cfg``; print the table with ``echo``; write the files ``cfg`` names;
+    return the payload (see :mod:`fsmoe.bench.summary`)."""
+    t0 = time.perf_counter()
+    cluster = _cluster(cfg)
+    with cluster:
+        shaped = isinstance(cluster, EmulatedCluster) and cluster.spec.shaped
+        description = cluster.describe()
+        if not shaped:
+            print(f"warning: unshaped run ({description}): inter-node links are as fast as intra-node ones",
+                  file=sys.stderr, flush=True)
+        echo(f"[fsmoe bench layer] {description}: {_estimate(cfg)} ...")
+        results: list[RankResult] = cluster.run_function(layer_bench_rank, cfg, timeout=cfg.timeout_s)
+    cluster_info = {"description": description, "shaped": shaped, "launcher": type(cluster).__name__}
+    payload = summarize(cfg, results, cluster=cluster_info)
+    payload["env"] = env_info()
+    if cfg.include_deepspeed:
+        from fsmoe.bench.deepspeed_peer import deepspeed_version
+
+        payload["env"]["deepspeed"] = deepspeed_version()
+    payload["wall_s"] = time.perf_counter() - t0
+    notes: list[str] = []
+    if cfg.trace is not None:
+        traces = {name: [e for r in results for e in r.traces.get(name, [])] for name in results[0].traces}
+        single = None if cfg.trace_all else next(iter(traces), None)
+        files = write_traces(cfg.trace, traces, single)
+        payload["trace_files"] = files
+        notes.append(f"trace: {', '.join(files)}" if files else "trace: no fsmoe step to trace")
+    if cfg.out is not None:
+        notes.append(f"json: {write_json(cfg.out, payload)}")
+    chart = cfg.chart_path()
+    if chart is not None:
+        missing = write_chart(chart, payload)
+        notes.append(missing or f"chart: {chart}")
+    echo(format_markdown(payload))
+    if DEEPSPEED in payload["skipped"]:
+        notes.append(f"deepspeed skipped: {payload['skipped'][DEEPSPEED]}")
+    echo("\n".join(notes) + f"\n(wall {payload['wall_s']:.0f} s)")
+    return payload

@@ -1,0 +1,204 @@
+"""``fsmoe bench layer``: configuration checks, the implementation list, the CLI flags, the summary
+arithmetic on hand-made samples, and one quick run on 2 plain-loopback ranks (no namespaces) whose
+JSON is checked for structure and for ratios computed from the medians. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsmoe.bench import LayerBenchConfig, quick_layer_config, run_layer_bench, summarize
+from fsmoe.bench.config import DEEPSPEED, ImplSpec
+from fsmoe.bench.memory import PeakMemory
+from fsmoe.bench.rank import ProbeInfo, RankResult
+from fsmoe.cli import bench_layer_config_from_args, build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+# --- configuration --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"ep": 2, "esp": 1}, "ep*esp must equal the world size"),
+        ({"experts": 6}, "experts E=6 is not divisible by ep=4"),
+        ({"ep": 2, "esp": 2, "d_hidden": 2049}, "H=2049 is not divisible by esp=2"),
+        ({"ep": 2, "esp": 4}, "esp=4 must divide procs_per_node=2"),
+        ({"schedules": ("fsmoe", "gpipe")}, "unknown schedule 'gpipe'"),
+        ({"link": "10mbps"}, "bytes/s"),
+        ({"dispatcher": "local"}, "unknown dispatcher 'local'"),
+        ({"degrees": (0,)}, "degrees must be >= 1"),
+        ({"launcher": "ssh"}, "unknown launcher 'ssh'"),
+        ({"reps": 0}, "reps must be >= 1"),
+    ],
+)
+def test_config_refuses_with_the_numbers(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("*", r"\*")):
+        LayerBenchConfig(**changes)
+
+
+def test_implementations_listed_in_table_order() -> None:
+    cfg = LayerBenchConfig(schedules=("sequential", "tutel", "fsmoe"), degrees=(1, 4), mixed_degrees=((2, 4), (4, 4)))
+    names = [i.name for i in cfg.impls()]
+    # sequential once; tutel gets only r_fwd = r_bwd; fsmoe also the mixed pairs (duplicates dropped)
+    assert names == ["sequential", "tutel r=1", "tutel r=4", "fsmoe r=1", "fsmoe r=4", "fsmoe r=2/4", "deepspeed"]
+    assert [i.gar_in_moe for i in cfg.impls()] == [False, False, False, True, True, True, False]
+    assert ImplSpec("fsmoe", 4, 8).pipelined and not ImplSpec("sequential").pipelined
+    assert [i.name for i in cfg.replace(include_deepspeed=False).impls()][-1] == "fsmoe r=2/4"
+
+
+def test_quick_preset_is_small_and_overridable() -> None:
+    cfg = quick_layer_config(ep=2, esp=2)
+    assert (cfg.tokens, cfg.d_model, cfg.d_hidden, cfg.reps) == (256, 128, 256, 2)
+    assert (cfg.ep, cfg.esp) == (2, 2)
+
+
+def test_cli_flags_override_the_preset() -> None:
+    args = build_parser().parse_args(
+        ["bench", "layer", "--quick", "--link", "200mbit", "--ep", "2", "--esp", "2", "--schedules", "tutel",
+         "fsmoe", "--r", "2", "4", "--mixed", "2/4", "--no-deepspeed", "--reps", "3", "--burst", "262144"]
+    )
+    cfg = bench_layer_config_from_args(args)
+    assert cfg.tokens == 256 and cfg.link == "200mbit" and (cfg.ep, cfg.esp) == (2, 2)
+    assert cfg.schedules == ("tutel", "fsmoe") and cfg.degrees == (2, 4) and cfg.mixed_degrees == ((2, 4),)
+    assert cfg.include_deepspeed is False and cfg.reps == 3 and cfg.burst_bytes == 262144
+    assert cfg.memory is True and cfg.trace_all is False  # flags left out keep the preset's values
+    full = bench_layer_config_from_args(build_parser().parse_args(["bench", "layer"]))
+    assert full == LayerBenchConfig()
+
+
+def test_cli_rejects_a_bad_pair_and_a_bad_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "layer", "--mixed", "4x8"])
+    assert "expected R_FWD/R_BWD" in capsys.readouterr().err
+    from fsmoe.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "layer", "--ep", "3"])
+    assert exc.value.code == 2
+    assert "ep*esp must divide world_size, got ep=3" in capsys.readouterr().err
+
+
+# --- the summary arithmetic, on hand-made samples ----------------------------------------------------------
+def _fake_results(cfg: LayerBenchConfig) -> list[RankResult]:
+    samples = {
+        "sequential": [3.0, 1.0, 2.0],  # median 2.0
+        "fsmoe r=1": [1.6, 1.5, 1.4],  # median 1.5
+        "fsmoe r=2": [1.2, 1.0, 1.1],  # median 1.1: the best fsmoe
+        "experts fwd+bwd": [0.8, 0.9, 0.7],  # compute 0.8 + 0.1
+        "gate+order fwd+bwd": [0.1, 0.1, 0.1],
+        "EP AlltoAll": [0.125, 0.1, 0.15],  # inter 4 x 0.125 + 0.2
+        "dense GAR": [0.2, 0.2, 0.2],
+    }
+    probes = [ProbeInfo("experts fwd+bwd", "compute"), ProbeInfo("gate+order fwd+bwd", "compute"),
+              ProbeInfo("EP AlltoAll", "inter", count=4), ProbeInfo("dense GAR", "inter")]
+    steps = ["sequential", "fsmoe r=1", "fsmoe r=2"]
+    out = []
+    for rank in range(2):
+        memory = {n: PeakMemory(peak_bytes=(100 + 10 * i + rank) * 2**20, before_bytes=50 * 2**20, method="test")
+                  for i, n in enumerate(steps)}
+        out.append(RankResult(rank=rank, capacity=154, steps=steps, probes=probes, samples_s=samples,
+                              notes={}, skipped={DEEPSPEED: "not installed"}, memory=memory,
+                              busy_cpu_s={n: [2.0, 2.0, 2.0] for n in samples}, cpu_count=2))
+    return out
+
+
+def test_summary_ratios_come_from_the_medians() -> None:
+    cfg = quick_layer_config(schedules=("sequential", "fsmoe"), degrees=(1, 2), mixed_degrees=())
+    p = summarize(cfg, _fake_results(cfg), cluster={"description": "test", "shaped": True})
+    rows = {r["name"]: r for r in p["implementations"]}
+    assert rows["sequential"]["median_s"] == 2.0 and rows["fsmoe r=2"]["median_s"] == 1.1
+    assert p["best_fsmoe"] == "fsmoe r=2"
+    lb = p["lower_bound"]
+    assert lb["channels_s"] == pytest.approx({"compute": 0.9, "intra": 0.0, "inter": 0.7})
+    assert lb["busiest_channel"] == "compute" and lb["seconds"] == pytest.approx(0.9)
+    assert lb["cpu_bound_s"] == pytest.approx((3 + 4) * 2.0 / 2)  # the AlltoAll's CPU counts 4 times
+    assert rows["sequential"]["ratio_to_best_fsmoe"] == pytest.approx(2.0 / 1.1)
+    assert rows["fsmoe r=1"]["ratio_to_lower_bound"] == pytest.approx(1.5 / 0.9)
+    # memory: worst rank (rank 1), extra = peak - before; ratio to sequential's extra
+    assert rows["fsmoe r=2"]["extra_mem_mb"] == pytest.approx(121 - 50)
+    assert rows["fsmoe r=2"]["mem_ratio_to_sequential"] == pytest.approx(71 / 51)
+    assert p["skipped"] == {DEEPSPEED: "not installed"}
+    by_name = {t["name"]: t for t in p["targets"]}
+    assert by_name["fsmoe r=2 / lower bound"]["value"] == pytest.approx(1.1 / 0.9)
+    assert by_name["fsmoe r=2 / lower bound"]["met"] is False
+
+
+# --- one quick run on 2 loopback ranks ----------------------------------------------------------------------
+def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, trace = tmp_path / "layer.json", tmp_path / "trace.json"
+    cfg = quick_layer_config(launcher="local", nodes=1, procs_per_node=2, ep=2, degrees=(1, 2),
+                             mixed_degrees=((1, 2),), out=str(out), trace=str(trace), timeout_s=120)
+    payload = run_layer_bench(cfg)
+    printed = capsys.readouterr().out
+    assert "| implementation | median s |" in printed and "Lower bound" in printed
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(payload))  # what was returned is what was written
+    assert data["benchmark"] == "layer" and data["cluster"]["shaped"] is False
+    assert data["config"]["ep"] == 2 and data["capacity"] >= 1
+
+    rows = {r["name"]: r for r in data["implementations"]}
+    requested = [i.name for i in cfg.impls()]
+    for name in requested:  # every implementation has a time, or (DeepSpeed only) a reason it did not run
+        if name == DEEPSPEED and name in data["skipped"]:
+            assert data["skipped"][name]
+            continue
+        r = rows[name]
+        assert len(r["samples_s"]) == cfg.reps and all(s > 0 for s in r["samples_s"])
+        assert r["median_s"] == pytest.approx(statistics.median(r["samples_s"]))
+        assert r["extra_mem_mb"] is not None and len(r["peak_mem_mb_per_rank"]) == 2
+    assert set(rows) <= set(requested)
+
+    best = min((r for r in rows.values() if r["family"] == "fsmoe"), key=lambda r: r["median_s"])
+    assert data["best_fsmoe"] == best["name"]
+    lb = data["lower_bound"]
+    channels = {c: sum(p["count"] * p["median_s"] for p in lb["probes"] if p["channel"] == c)
+                for c in ("compute", "intra", "inter")}
+    assert {p["name"]: p["count"] for p in lb["probes"]}["EP AlltoAll"] == 4
+    assert lb["channels_s"] == pytest.approx(channels)
+    assert lb["seconds"] == pytest.approx(max(channels.values()))
+    for p in lb["probes"]:
+        assert p["median_s"] == pytest.approx(statistics.median(p["samples_s"]))
+    for r in rows.values():
+        assert r["ratio_to_best_fsmoe"] == pytest.approx(r["median_s"] / best["median_s"])
+        assert r["ratio_to_lower_bound"] == pytest.approx(r["median_s"] / lb["seconds"])
+        if r["mem_ratio_to_sequential"] is not None:
+            assert r["mem_ratio_to_sequential"] == pytest.approx(r["extra_mem_mb"] / rows["sequential"]["extra_mem_mb"])
+    assert all(not math.isnan(t["value"]) for t in data["targets"] if t["value"] is not None)
+
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["pid"] for e in events} == {0, 1}
+    assert {"forward", "backward"} <= {e["name"] for e in events}
+    assert any(e["name"].startswith("expert[") for e in events)  # the pipeline's own tasks
+    assert data["trace_files"] == [str(trace)]
+    assert Path(cfg.chart_path()).exists() == HAS_MATPLOTLIB
+
+
+def test_script_is_the_cli(tmp_path: Path) -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import benchmarks.layer as script
+
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--help"])
+    assert exc.value.code == 0
+
+
+def test_deepspeed_missing_or_unable_gives_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fsmoe.bench.deepspeed_peer import build_deepspeed_step
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed.moe.layer", None)
+    work = SimpleNamespace(cfg=LayerBenchConfig())
+    assert "DeepSpeed is not installed" in build_deepspeed_step(work, 1)  # type: ignore[arg-type]
+    work = SimpleNamespace(cfg=LayerBenchConfig(gate="expert_choice"))
+    assert "only top-k softmax gating" in build_deepspeed_step(work, 1)  # type: ignore[arg-type]
