@@ -101,25 +101,32 @@ class Runtime:
         return run
 
     def run(self, tasks: list[Task], impls: Mapping[str, Callable[[int], None]]) -> None:
-        """Issue ``tasks`` in order; ``impls[kind](chunk)`` does the work. Returns when all are done."""
+        """Issue ``tasks`` in order; ``impls[kind](chunk)`` does the work. Returns when all are done.
+
+        Like kernels on a GPU stream, communication tasks are enqueued on their lanes up front, in list
+        order: compute runs synchronously on this thread, so a collective listed after an expert chunk
+        would otherwise wait for that chunk to finish before even being queued, though it only depends
+        on an earlier chunk. Each lane still runs its tasks in list order, and every task waits for its
+        dependencies, which precede it in the list, so the issue order stays the schedule's."""
         check_tasks(tasks)
-        done: dict[tuple[str, int], _Done] = {}
+        done: dict[tuple[str, int], _Done] = {t.key: _Done() for t in tasks if t.channel == "compute"}
         for task in tasks:
-            deps = [done[d] for d in task.deps]
-            fn = self._timed(task, impls[task.kind])
-            if task.channel == "compute":
-                for d in deps:
-                    d.wait()
-                d_self = done[task.key] = _Done()
-                try:
-                    fn()
-                except BaseException as err:  # release lane tasks that wait on this one, then re-raise
-                    d_self.error = err
-                    raise
-                finally:
-                    d_self.event.set()
-            else:
-                done[task.key] = self._lane(task.channel).submit(fn, deps)
+            if task.channel != "compute":
+                deps = [done[d] for d in task.deps]
+                done[task.key] = self._lane(task.channel).submit(self._timed(task, impls[task.kind]), deps)
+        compute = [t for t in tasks if t.channel == "compute"]
+        for n, task in enumerate(compute):
+            d_self = done[task.key]
+            try:
+                for d in task.deps:
+                    done[d].wait()
+                self._timed(task, impls[task.kind])()
+            except BaseException as err:  # release lane tasks that wait on this or later compute, re-raise
+                for later in compute[n:]:
+                    done[later.key].error = err
+                    done[later.key].event.set()
+                raise
+            d_self.event.set()
         for d in done.values():
             d.wait()
 

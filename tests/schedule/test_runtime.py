@@ -81,3 +81,44 @@ def test_trace_records_every_task_on_its_channel(tmp_path: Path) -> None:
     assert on_disk == trace
     assert {e["pid"] for e in trace["traceEvents"]} == {3}
     assert all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
+
+
+def test_a_collective_listed_after_compute_is_enqueued_before_that_compute_runs() -> None:
+    # The fsmoe order lists every expert chunk before the first combine; combine[0] depends only on
+    # expert[0], so it must be able to run while expert[1] computes (as on a GPU stream). expert[1]
+    # here waits for combine[0] to have started: with combine queued only after expert[1] this blocks.
+    rt = Runtime({"inter": "inter", "intra": "intra"})
+    combine_started = threading.Event()
+    tasks = [
+        Task("expert", 0, "compute"),
+        Task("expert", 1, "compute"),
+        Task("combine", 0, "inter", (("expert", 0),)),
+    ]
+
+    def expert(c: int) -> None:
+        if c == 1 and not combine_started.wait(timeout=10):
+            raise TimeoutError("combine[0] was not running while expert[1] computed")
+
+    rt.run(tasks, {"expert": expert, "combine": lambda c: combine_started.set()})
+    assert combine_started.is_set()
+
+
+def test_a_failing_compute_task_releases_the_lanes_waiting_on_later_compute() -> None:
+    rt = Runtime({"inter": "inter", "intra": "intra"})
+    tasks = [
+        Task("expert", 0, "compute"),
+        Task("expert", 1, "compute"),
+        Task("combine", 1, "inter", (("expert", 1),)),
+    ]
+    ran: list[str] = []
+
+    def expert(c: int) -> None:
+        if c == 0:
+            raise ValueError("bad chunk")
+        ran.append(f"expert{c}")
+
+    with pytest.raises(ValueError, match="bad chunk"):
+        rt.run(tasks, {"expert": expert, "combine": lambda c: ran.append(f"combine{c}")})
+    # combine[1] was released with the error (it did not run) and the lane still serves new runs
+    rt.run([Task("combine", 2, "inter")], {"combine": lambda c: ran.append(f"combine{c}")})
+    assert ran == ["combine2"]
