@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fsmoe.bench.config import LAUNCHERS, LayerBenchConfig, quick_layer_config
 from fsmoe.bench.layer import run_layer_bench
-from fsmoe.cluster import ClusterUnavailable
+from fsmoe.cluster import ClusterUnavailable, EmulatedClusterSpec, launch_on_cluster
 from fsmoe.models.gpt_moe import MODEL_PRESETS, GPTMoEConfig, model_preset
 from fsmoe.moe.config import EXPERT_NAMES, GATE_NAMES, ORDER_NAMES
 from fsmoe.schedule.schedules import SCHEDULES
@@ -95,7 +96,51 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     par.add_argument("--gar-plan", default=None,
                      help="gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready' (default: the schedule's)")
     par.add_argument("--trace", default=None, help="write a Chrome-trace JSON of the MoE tasks (rank 0)")
+    emu = p.add_argument_group("emulated cluster (one network namespace per node, tbf-shaped links; needs root)")
+    emu.add_argument("--emulate-nodes", type=int, default=None, metavar="N",
+                     help="run the --nproc ranks as N emulated nodes of --nproc/N ranks each")
+    emu.add_argument("--link", default="1gbit", metavar="RATE",
+                     help="each node's uplink and downlink rate, e.g. 1gbit, 200mbit, or 'unshaped'")
+    emu.add_argument("--allow-unshaped", action="store_true",
+                     help="where namespaces cannot be built, run on loopback (unshaped) with a warning")
     p.set_defaults(handler=_handle_train)
+
+
+# Flags that only the launching process reads; the ranks it starts get the rest of the command line.
+_EMULATION_FLAGS = {"--emulate-nodes": True, "--link": True, "--allow-unshaped": False}
+
+
+def _rank_argv(argv: Sequence[str], procs_per_node: int) -> list[str]:
+    """``argv`` without the emulation flags (``--flag value`` and ``--flag=value`` forms), with
+    ``--procs-per-node`` set to the emulated node size."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _EMULATION_FLAGS or name == "--procs-per-node":
+            skip = "=" not in a and (_EMULATION_FLAGS.get(name, True))
+            continue
+        out.append(a)
+    return [*out, "--procs-per-node", str(procs_per_node)]
+
+
+def emulated_cluster_spec(args: argparse.Namespace, nproc: int) -> EmulatedClusterSpec:
+    """The cluster ``--emulate-nodes`` asks for; ValueError naming the values when it does not fit."""
+    nodes = args.emulate_nodes
+    if nodes < 1:
+        raise ValueError(f"--emulate-nodes must be >= 1, got {nodes}")
+    if nproc % nodes:
+        raise ValueError(f"--nproc {nproc} ranks cannot be split evenly over --emulate-nodes {nodes} nodes")
+    per_node = nproc // nodes
+    if args.procs_per_node is not None and args.procs_per_node != per_node:
+        raise ValueError(
+            f"--procs-per-node {args.procs_per_node} contradicts --nproc {nproc} over --emulate-nodes {nodes} "
+            f"({per_node} ranks per node); leave --procs-per-node out"
+        )
+    return EmulatedClusterSpec(nodes=nodes, procs_per_node=per_node, link=args.link)
 
 
 def model_config_from_args(args: argparse.Namespace) -> GPTMoEConfig:
@@ -152,6 +197,21 @@ def _handle_train(args: argparse.Namespace) -> int:
         cfg = train_config_from_args(args)  # config validation raises ValueError naming the values
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.emulate_nodes is not None and env_world_size() == 1:
+        try:
+            spec = emulated_cluster_spec(args, cfg.parallel.nproc)
+            # the layout on the emulated nodes, checked here once, before any rank starts
+            dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, procs_per_node=spec.procs_per_node))
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        argv = [sys.executable, "-u", "-m", "fsmoe", *_rank_argv(args.argv, spec.procs_per_node)]
+        try:
+            # c10d warns on every rank that the namespace's addresses have no host name; keep the log readable
+            quiet = {"TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+            code = launch_on_cluster(spec, argv, allow_unshaped=args.allow_unshaped, env=quiet)
+        except ClusterUnavailable as e:
+            raise UsageError(f"{e}; pass --allow-unshaped to run so anyway") from e
+        return 0 if code == 0 else 1
     if cfg.parallel.distributed and env_world_size() == 1:
         # Not launched yet: start the ranks, each re-running this command line (validated above, once).
         return launch(args.argv, cfg.parallel.nproc)
