@@ -41,9 +41,10 @@ class Experts(nn.Module):
     # --- manual forward/backward, for the pipelined block whose backward re-chunks the slots -------------
     # ``forward_saving`` returns the output and the per-slot tensors backward needs, each (e, N, *);
     # ``backward_saved`` takes the output gradient and those tensors for any subset of the slots and
-    # returns the input gradient and one gradient per parameter (in ``parameters()`` order). The base
-    # versions keep only the input and recompute under autograd, so any expert module works; the
-    # built-in experts override them to save pre-activations and apply the exact derivatives.
+    # returns the input gradient and one new gradient tensor per parameter (in ``parameters()`` order; the
+    # caller sums chunks into them in place). The base versions keep only the input and recompute under
+    # autograd, so any expert module works; the built-in experts override them to save pre-activations
+    # and apply the exact derivatives.
 
     def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         with torch.no_grad():
@@ -102,9 +103,10 @@ class FFNExperts(Experts):
     @torch.no_grad()
     def backward_saved(self, dy_eND: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
         x_eND, pre_eNH = saved
-        h_eNH = F.gelu(pre_eNH)
-        dw2 = torch.bmm(h_eNH.transpose(1, 2), dy_eND)
-        dpre_eNH = torch.ops.aten.gelu_backward(torch.bmm(dy_eND, self.w2_eHD.transpose(1, 2)), pre_eNH)
+        dw2 = torch.bmm(F.gelu(pre_eNH).transpose(1, 2), dy_eND)  # GELU(pre) recomputed, dropped at once
+        dh_eNH = torch.bmm(dy_eND, self.w2_eHD.transpose(1, 2))
+        # in place: one (e, N, H) buffer for dh and dpre, where autograd's GELU backward holds both
+        dpre_eNH = torch.ops.aten.gelu_backward.grad_input(dh_eNH, pre_eNH, grad_input=dh_eNH)
         dw1 = torch.bmm(x_eND.transpose(1, 2), dpre_eNH)
         dx = torch.bmm(dpre_eNH, self.w1_eDH.transpose(1, 2))
         grads = [dw1, dpre_eNH.sum(1), dw2]
@@ -141,10 +143,12 @@ class SwiGLUExperts(Experts):
         act_eNH = F.silu(g_eNH)
         dw2 = torch.bmm((act_eNH * u_eNH).transpose(1, 2), dy_eND)
         dh_eNH = torch.bmm(dy_eND, self.w2_eHD.transpose(1, 2))
-        dg_eNH = torch.ops.aten.silu_backward(dh_eNH * u_eNH, g_eNH)
         du_eNH = dh_eNH * act_eNH
+        del act_eNH
+        # in place: dh, dh·u and dg share one (e, N, H) buffer, where autograd holds them apart
+        dg_eNH = torch.ops.aten.silu_backward.grad_input(dh_eNH.mul_(u_eNH), g_eNH, grad_input=dh_eNH)
         xt = x_eND.transpose(1, 2)
-        dx = torch.bmm(dg_eNH, self.w1_eDH.transpose(1, 2)) + torch.bmm(du_eNH, self.w3_eDH.transpose(1, 2))
+        dx = torch.bmm(dg_eNH, self.w1_eDH.transpose(1, 2)).add_(torch.bmm(du_eNH, self.w3_eDH.transpose(1, 2)))
         return dx, [torch.bmm(xt, dg_eNH), torch.bmm(xt, du_eNH), dw2]
 
 

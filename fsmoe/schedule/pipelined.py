@@ -1,14 +1,22 @@
 """The pipelined dispatch → AllGather → expert → ReduceScatter → combine block as one autograd Function.
 
 Legend: E experts, e local experts, C capacity slots per expert (of this rank's routing group),
-W = N_EP, S = N_ESP, D model dim, R pipeline degree (r_fwd forward, r_bwd backward).
+W = N_EP, S = N_ESP, D model dim, H expert hidden (this rank's slice), R pipeline degree (r_fwd forward,
+r_bwd backward).
 
 Forward splits the capacity axis into r_fwd chunks, each holding C/r_fwd slots of every expert, and
 runs the schedule's forward task list. Backward re-splits into r_bwd chunks and runs the backward task
-list. Because r_fwd and r_bwd may differ, what backward needs is stashed *per slot*, in one canonical
-layout (e, S, W, C, *): the gathered expert inputs and the experts' pre-activations. Backward of chunk
-j then reads slots [j·C/r_bwd, (j+1)·C/r_bwd) whatever the forward chunking was, and applies the exact
-activation derivatives (``Experts.backward_saved``). C must be a multiple of lcm(r_fwd, r_bwd).
+list, applying the exact activation derivatives (``Experts.backward_saved``) to what the experts saved
+in forward (``Experts.forward_saving``: for FFN the gathered input and the pre-activation). C must be a
+multiple of lcm(r_fwd, r_bwd).
+
+Memory: the block never holds more than plain autograd would. What the experts saved for a forward
+chunk is kept as it is, with no copy, in a per-chunk stash (:class:`_Stash`); backward chunk j reads
+slots [j·C/r_bwd, (j+1)·C/r_bwd) of it: the forward chunk itself when r_fwd = r_bwd, else one copy of
+this backward chunk only. Each forward chunk is dropped once the last backward chunk that reads it is
+done, as autograd drops saved tensors node by node, so backward through the block runs once (no
+``retain_graph``). The (E, C, D) output and input gradient are allocated when their first chunk
+arrives, not while the experts run, and the chunks' parameter gradients are summed in place.
 
 Autograd sees one op: ``y_ECD = pipelined(x_ECD, *expert_params)``; gate, Order and I-Order around it
 stay ordinary autograd. The collectives inside run without autograd on the dispatcher's steps.
@@ -59,11 +67,71 @@ def _chunk(C: int, r: int, i: int) -> slice:
     return slice(i * c, (i + 1) * c)
 
 
+class _Stash:
+    """What backward needs, as the experts saved it: ``pieces[i]`` holds forward chunk i's tensors, each
+    (e, S·W·c_fwd, *) with slots ordered (S, W, c). It lives on ``ctx`` rather than going through
+    ``save_for_backward``, whose tensors live until the Function's whole backward returns, so that
+    :meth:`take` can drop each piece as soon as it is used up; :meth:`check_versions` does the check
+    ``save_for_backward`` would do."""
+
+    def __init__(self, pieces: list[tuple[Tensor, ...]]) -> None:
+        self.pieces = pieces
+        self.versions = [[t._version for t in saved] for saved in pieces]
+
+    def check_versions(self) -> None:
+        for i, (saved, versions) in enumerate(zip(self.pieces, self.versions, strict=True)):
+            for k, (t, v) in enumerate(zip(saved, versions, strict=True)):
+                if t._version != v:
+                    raise RuntimeError(
+                        f"tensor {k} that the experts saved for forward chunk {i} of the pipelined MoE block was "
+                        f"modified in place after the forward (version {v} -> {t._version})"
+                    )
+
+    def take(self, SW: int, C: int, r: int, j: int) -> tuple[Tensor, ...]:
+        """Backward chunk ``j`` of ``r``, each tensor (e, S·W·C/r, *): slots [j·C/r, (j+1)·C/r) of every
+        (S, W) source, in the forward's slot order. With the same degree both ways it is forward chunk j
+        itself, otherwise one copy of this chunk only. Take chunks in order: a forward chunk that no
+        later backward chunk reads is dropped here."""
+        pieces = self.pieces
+        cf, want = C // len(pieces), _chunk(C, r, j)
+        first, last = want.start // cf, (want.stop - 1) // cf
+        if len(pieces) == r:
+            out = pieces[j]
+        else:
+            out = tuple(self._cut(saved, SW, cf, first, want) for saved in zip(*pieces[first : last + 1], strict=True))
+        for i in range(first, last + 1):
+            if (i + 1) * cf <= want.stop:
+                pieces[i] = ()
+        return out
+
+    @staticmethod
+    def _cut(saved: tuple[Tensor, ...], SW: int, cf: int, first: int, want: slice) -> Tensor:
+        """Slots ``want`` of one saved tensor, from its forward chunks ``first``, ``first + 1``, …"""
+        parts = []
+        for i, t in enumerate(saved, start=first):
+            lo, hi = max(want.start, i * cf) - i * cf, min(want.stop, (i + 1) * cf) - i * cf
+            parts.append(t.view(t.shape[0], SW, cf, *t.shape[2:])[:, :, lo:hi])
+        cat = torch.cat(parts, dim=2)
+        return cat.view(cat.shape[0], -1, *cat.shape[3:])
+
+
+def _put(into: list[Tensor], chunk_EcD: Tensor, C: int, r: int, i: int) -> None:
+    """Place chunk ``i`` of ``r`` in the (E, C, D) result held by ``into``. The result is allocated when the
+    first chunk arrives, not up front, so it is not held while the experts run (the unpipelined layer
+    does not hold it either); with r = 1 the chunk itself is the result."""
+    if r == 1:
+        into.append(chunk_EcD)
+        return
+    if not into:
+        into.append(chunk_EcD.new_empty(chunk_EcD.shape[0], C, chunk_EcD.shape[2]))
+    into[0][:, _chunk(C, r, i)] = chunk_EcD
+
+
 class _PipelinedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_ECD: Tensor, pipe: Pipeline, disp: Dispatcher, experts: Experts, *params: Tensor) -> Tensor:
         E, C, D = x_ECD.shape
-        W, S, r = disp.ep_size, disp.esp_size, pipe.r_fwd
+        W, r = disp.ep_size, pipe.r_fwd
         e = E // W
         if C % pipe.capacity_multiple:
             raise ValueError(f"capacity C={C} is not a multiple of lcm(r_fwd, r_bwd)={pipe.capacity_multiple}")
@@ -73,8 +141,8 @@ class _PipelinedBlock(torch.autograd.Function):
         gathered: dict[int, Tensor] = {}
         outs: dict[int, Tensor] = {}
         reduced: dict[int, Tensor] = {}
-        y_ECD = x_ECD.new_empty(E, C, D)
-        stash: list[Tensor] = []  # per saved tensor, (e, S, W, C, *)
+        y: list[Tensor] = []  # the (E, C, D) output, see _put
+        pieces: list[tuple[Tensor, ...]] = [()] * r  # per forward chunk, what the experts saved, (e, S·W·c, *)
 
         def dispatch(i: int) -> None:
             recv[i] = disp.exchange(x_ECD[:, _chunk(C, r, i)].reshape(W, e, c, D))  # (W_src, e, c, D)
@@ -83,38 +151,42 @@ class _PipelinedBlock(torch.autograd.Function):
             gathered[i] = disp.gather_shards(recv.pop(i).transpose(0, 1).reshape(e, W * c, D))  # (e, S·W·c, D)
 
         def expert(i: int) -> None:
-            x_eND = gathered.pop(i)
-            out, saved = experts.forward_saving(x_eND)
-            if not stash:
-                stash.extend(t.new_empty(e, S, W, C, *t.shape[2:]) for t in saved)
-            for buf, t in zip(stash, saved, strict=True):
-                buf[:, :, :, _chunk(C, r, i)] = t.view(e, S, W, c, *t.shape[2:])
-            outs[i] = out
+            outs[i], pieces[i] = experts.forward_saving(gathered.pop(i))
 
         def reduce(i: int) -> None:
             reduced[i] = disp.reduce_shards(outs.pop(i))  # (e, W·c, D)
 
         def combine(i: int) -> None:
             send = reduced.pop(i).view(e, W, c, D).transpose(0, 1).contiguous()
-            y_ECD[:, _chunk(C, r, i)] = disp.exchange(send).view(E, c, D)
+            _put(y, disp.exchange(send).view(E, c, D), C, r, i)
 
         impls = {"dispatch": dispatch, "gather": gather, "expert": expert, "reduce": reduce, "combine": combine}
         pipe.runtime.run(forward_tasks(pipe.spec, r), impls)
         ctx.pipe, ctx.disp, ctx.experts, ctx.shape = pipe, disp, experts, (E, C, D)
-        ctx.save_for_backward(*stash)
+        ctx.stash = _Stash(pieces)
+        (y_ECD,) = y
+        if y_ECD.untyped_storage().data_ptr() == x_ECD.untyped_storage().data_ptr():  # e.g. identity experts
+            y_ECD = y_ECD.clone()
         return y_ECD
 
     @staticmethod
     def backward(ctx: Any, dy_ECD: Tensor) -> tuple[Tensor | None, ...]:
         pipe, disp, experts = ctx.pipe, ctx.disp, ctx.experts
-        stash = ctx.saved_tensors
         E, C, D = ctx.shape
         W, S, r = disp.ep_size, disp.esp_size, pipe.r_bwd
         e, c = E // W, C // r
+        stash: _Stash = ctx.stash
+        ctx.stash = None  # backward frees the stash as it goes; a second backward would find it gone
+        if stash is None:
+            raise RuntimeError(
+                "backward through the pipelined MoE block ran twice: it frees its saved activations chunk by "
+                "chunk, as plain autograd frees saved tensors, so retain_graph=True is not supported here"
+            )
+        stash.check_versions()
         dy_ECD = dy_ECD.contiguous()
         params = list(experts.parameters())
         pgrads: list[Tensor | None] = [None] * len(params)
-        dx_ECD = dy_ECD.new_empty(E, C, D)
+        dx: list[Tensor] = []  # the (E, C, D) input gradient, see _put
         recv: dict[int, Tensor] = {}
         gathered: dict[int, Tensor] = {}
         dxs: dict[int, Tensor] = {}
@@ -127,29 +199,34 @@ class _PipelinedBlock(torch.autograd.Function):
             gathered[i] = disp.gather_shards(recv.pop(i).transpose(0, 1).reshape(e, W * c, D))
 
         def expert_bwd(i: int) -> None:
-            saved = tuple(
-                t[:, :, :, _chunk(C, r, i)].reshape(e, S * W * c, *t.shape[4:]) for t in stash
-            )
-            dx, grads = experts.backward_saved(gathered.pop(i), saved)
+            dxs[i], grads = experts.backward_saved(gathered.pop(i), stash.take(S * W, C, r, i))
             for k, g in enumerate(grads):
-                pgrads[k] = g if pgrads[k] is None else pgrads[k] + g
-            dxs[i] = dx
+                if pgrads[k] is None:
+                    pgrads[k] = g
+                else:  # the first chunk's gradient is ours (fresh from backward_saved): sum in place
+                    pgrads[k].add_(g)
 
         def gather_bwd(i: int) -> None:  # adjoint of the AllGather: ReduceScatter
             reduced[i] = disp.reduce_shards(dxs.pop(i))
 
         def dispatch_bwd(i: int) -> None:
             send = reduced.pop(i).view(e, W, c, D).transpose(0, 1).contiguous()
-            dx_ECD[:, _chunk(C, r, i)] = disp.exchange(send).view(E, c, D)
+            _put(dx, disp.exchange(send).view(E, c, D), C, r, i)
 
         def gar(_: int) -> None:
             assert pipe.gar is not None
             pipe.gar()
 
-        impls = {"combine_bwd": combine_bwd, "reduce_bwd": reduce_bwd, "expert_bwd": expert_bwd,
-                 "gather_bwd": gather_bwd, "dispatch_bwd": dispatch_bwd, "gar": gar}
+        impls = {
+            "combine_bwd": combine_bwd,
+            "reduce_bwd": reduce_bwd,
+            "expert_bwd": expert_bwd,
+            "gather_bwd": gather_bwd,
+            "dispatch_bwd": dispatch_bwd,
+            "gar": gar,
+        }
         pipe.runtime.run(backward_tasks(pipe.spec, r, with_gar=pipe.gar is not None), impls)
-        return (dx_ECD, None, None, None, *pgrads)
+        return (dx[0], None, None, None, *pgrads)
 
 
 def pipelined_experts(x_ECD: Tensor, pipe: Pipeline, disp: Dispatcher, experts: Experts) -> Tensor:
