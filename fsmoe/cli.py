@@ -306,6 +306,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--trace-all", dest="trace_all", action="store_true", default=None,
                      help="with --trace: one trace file per implementation (<trace>-<name>.json)")
     lp.set_defaults(handler=_handle_bench_layer)
+    from fsmoe.bench.train import add_train_parser  # declares `fsmoe bench train` and its handler
+
+    add_train_parser(which)
 
 
 def bench_layer_config_from_args(args: argparse.Namespace) -> LayerBenchConfig:

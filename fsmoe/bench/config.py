@@ -24,6 +24,15 @@ LAUNCHERS = ("auto", "emulated", "local")
 DEFAULT_SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")
 
 
+def chart_path(out: str | None, chart: str | None) -> str | None:
+    """The PNG to write: ``chart`` if given, else ``out`` with ``.png`` for ``.json``; None without either."""
+    if chart is not None:
+        return chart
+    if out is None:
+        return None
+    return out[:-5] + ".png" if out.endswith(".json") else out + ".png"
+
+
 @dataclass(frozen=True)
 class ImplSpec:
     """One implementation in the table: a schedule of our layer at degrees (r_fwd, r_bwd), or DeepSpeed-MoE.
@@ -183,11 +192,7 @@ class LayerBenchConfig:
         return out
 
     def chart_path(self) -> str | None:
-        if self.chart is not None:
-            return self.chart
-        if self.out is None:
-            return None
-        return self.out[:-5] + ".png" if self.out.endswith(".json") else self.out + ".png"
+        return chart_path(self.out, self.chart)
 
     def replace(self, **changes: object) -> LayerBenchConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

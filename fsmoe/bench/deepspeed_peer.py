@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,21 @@ def default_extensions_dir() -> str:
     return str(Path.home() / ".cache" / "torch_extensions")
 
 
+def init_deepspeed(threads: int) -> tuple[Any, Any] | str:
+    """Import DeepSpeed and join it to this rank's gloo group: ``(MoE class, deepspeed.utils.groups)``,
+    or why it cannot (a one-line reason). Collective over the world: call it on every rank."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    try:
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+        from deepspeed.utils import groups as ds_groups
+    except ImportError as err:
+        return f"DeepSpeed is not installed ({err}); pip install -e .[bench]"
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group this rank already joined
+    torch.set_num_threads(threads)  # whatever DeepSpeed's import did to the thread pool
+    return MoE, ds_groups
+
+
 def deepspeed_version() -> str | None:
     """The installed DeepSpeed's version (without importing it), or None."""
     try:
@@ -86,15 +102,10 @@ def build_deepspeed_step(work: LayerWorkload, threads: int) -> Step | str:
     cfg = work.cfg
     if cfg.gate not in ("gshard", "switch"):
         return f"DeepSpeed-MoE has only top-k softmax gating, not {cfg.gate!r}"
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
-    try:
-        import deepspeed
-        from deepspeed.moe.layer import MoE
-        from deepspeed.utils import groups as ds_groups
-    except ImportError as err:
-        return f"DeepSpeed is not installed ({err}); pip install -e .[bench]"
-    deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group this rank already joined
-    torch.set_num_threads(threads)  # whatever DeepSpeed's import did to the thread pool
+    ds = init_deepspeed(threads)
+    if isinstance(ds, str):
+        return ds
+    MoE, ds_groups = ds
     torch.manual_seed(cfg.seed)
     expert: nn.Module = FFN(cfg.d_model, cfg.d_hidden) if cfg.expert == "ffn" else SwiGLU(cfg.d_model, cfg.d_hidden)
     moe = MoE(hidden_size=cfg.d_model, expert=expert, num_experts=cfg.experts, ep_size=cfg.ep, k=cfg.top_k,

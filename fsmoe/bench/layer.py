@@ -26,14 +26,15 @@ from fsmoe.bench.config import DEEPSPEED, LayerBenchConfig
 from fsmoe.bench.rank import RankResult, layer_bench_rank
 from fsmoe.bench.report import env_info, format_markdown, write_chart, write_json, write_traces
 from fsmoe.bench.summary import summarize
-from fsmoe.cluster import EmulatedCluster, LocalCluster, open_cluster
+from fsmoe.cluster import EmulatedCluster, EmulatedClusterSpec, LocalCluster, open_cluster
 
 
-def _cluster(cfg: LayerBenchConfig) -> EmulatedCluster | LocalCluster:
-    spec = cfg.cluster_spec()
-    if cfg.launcher == "emulated":
+def bench_cluster(spec: EmulatedClusterSpec, launcher: str) -> EmulatedCluster | LocalCluster:
+    """The cluster a benchmark runs on: ``emulated`` (namespaces; fail if impossible), ``local``
+    (plain loopback, unshaped), ``auto`` (emulated where possible, else local with a warning)."""
+    if launcher == "emulated":
         return EmulatedCluster(spec)
-    if cfg.launcher == "local":
+    if launcher == "local":
         return LocalCluster(spec)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -41,6 +42,24 @@ def _cluster(cfg: LayerBenchConfig) -> EmulatedCluster | LocalCluster:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr, flush=True)
     return cluster
+
+
+def run_bench_ranks(
+    name: str, cfg: Any, fn: Callable[[Any], Any], estimate: str, echo: Callable[[str], None]
+) -> tuple[list[Any], dict[str, Any]]:
+    """Run ``fn(cfg)`` on every rank of ``cfg``'s cluster (``cfg.cluster_spec()``, ``cfg.launcher``,
+    ``cfg.timeout_s``), warning when the links are not shaped: the per-rank results and a description
+    of the cluster for the payload."""
+    cluster = bench_cluster(cfg.cluster_spec(), cfg.launcher)
+    with cluster:
+        shaped = isinstance(cluster, EmulatedCluster) and cluster.spec.shaped
+        description = cluster.describe()
+        if not shaped:
+            print(f"warning: unshaped run ({description}): inter-node links are as fast as intra-node ones",
+                  file=sys.stderr, flush=True)
+        echo(f"[fsmoe bench {name}] {description}: {estimate} ...")
+        results = cluster.run_function(fn, cfg, timeout=cfg.timeout_s)
+    return results, {"description": description, "shaped": shaped, "launcher": type(cluster).__name__}
 
 
 def _estimate(cfg: LayerBenchConfig) -> str:
@@ -52,16 +71,8 @@ def run_layer_bench(cfg: LayerBenchConfig, *, echo: Callable[[str], None] = prin
     """Run the benchmark of ``cfg``; print the table with ``echo``; write the files ``cfg`` names;
     return the payload (see :mod:`fsmoe.bench.summary`)."""
     t0 = time.perf_counter()
-    cluster = _cluster(cfg)
-    with cluster:
-        shaped = isinstance(cluster, EmulatedCluster) and cluster.spec.shaped
-        description = cluster.describe()
-        if not shaped:
-            print(f"warning: unshaped run ({description}): inter-node links are as fast as intra-node ones",
-                  file=sys.stderr, flush=True)
-        echo(f"[fsmoe bench layer] {description}: {_estimate(cfg)} ...")
-        results: list[RankResult] = cluster.run_function(layer_bench_rank, cfg, timeout=cfg.timeout_s)
-    cluster_info = {"description": description, "shaped": shaped, "launcher": type(cluster).__name__}
+    results: list[RankResult]
+    results, cluster_info = run_bench_ranks("layer", cfg, layer_bench_rank, _estimate(cfg), echo)
     payload = summarize(cfg, results, cluster=cluster_info)
     payload["env"] = env_info()
     if cfg.include_deepspeed:

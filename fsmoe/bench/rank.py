@@ -19,18 +19,20 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from fsmoe.bench.config import DEEPSPEED, LayerBenchConfig
-from fsmoe.bench.impls import LayerWorkload, Probe, Step, rotate
+from fsmoe.bench.impls import LayerWorkload, Step, rotate
 from fsmoe.bench.memory import PeakMemory, cpu_peak_supported, measure_peak, track_allocations_in_rss
 from fsmoe.parallel.dims import build_groups
 from fsmoe.schedule.runtime import TraceEvent
 
-MEMORY_ROUNDS = 2
+MEMORY_ROUNDS = 4  # RSS peaks move by tens of MB between rounds (gloo buffers); take the min of 4
 
 
 @dataclass(frozen=True)
@@ -89,15 +91,26 @@ def machine_busy_s() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def _timed_rounds(cfg: LayerBenchConfig, items: list[Step | Probe], rank: int) -> tuple[dict, dict, dict]:
-    """Slowest-rank seconds per round for every item; on rank 0 also, per run, the machine's busy
+class Timed(Protocol):
+    """Anything a round can run: a layer :class:`Step` or :class:`Probe`, a training step, ..."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self) -> None: ...
+
+
+def timed_rounds(items: Sequence[Timed], warmup: int, reps: int, rank: int) -> tuple[dict, dict, dict]:
+    """``warmup`` untimed then ``reps`` timed rounds, each running every item once in a rotated order.
+    Slowest-rank seconds per timed round for every item; on rank 0 also, per run, the machine's busy
     CPU-seconds and those our ranks used (a barrier after every run brackets them; the timed part ends
-    before it). The difference is other processes' work (and the kernel's, e.g. network softirqs)."""
+    before it). The difference is other processes' work (and the kernel's, e.g. network softirqs).
+    A layer :class:`Step` has its gradients zeroed before each run (outside the timed part)."""
     names = [i.name for i in items]
     samples: dict[str, list[float]] = {n: [] for n in names}
     busy: dict[str, list[float]] = {n: [] for n in names}
     ours: dict[str, list[float]] = {n: [] for n in names}
-    for round_ in range(cfg.warmup + cfg.reps):
+    for round_ in range(warmup + reps):
         gc.collect()
         order = rotate(items, round_)
         dt = torch.zeros(len(items), dtype=torch.float64)
@@ -117,7 +130,7 @@ def _timed_rounds(cfg: LayerBenchConfig, items: list[Step | Probe], rank: int) -
             machine[i] = (c1 - c0) if c0 is not None and c1 is not None else math.nan
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         dist.all_reduce(cpu)
-        if round_ >= cfg.warmup:
+        if round_ >= warmup:
             for n, t, c, m in zip(names, dt.tolist(), cpu.tolist(), machine, strict=True):
                 samples[n].append(t)
                 if rank == 0 and not math.isnan(m):
@@ -165,7 +178,7 @@ def layer_bench_rank(rank: int, world_size: int, cfg: LayerBenchConfig) -> RankR
         else:
             steps.append(work.step(impl))
     probes = work.probes(capacity)
-    samples, busy, ours = _timed_rounds(cfg, [*steps, *probes], rank)
+    samples, busy, ours = timed_rounds([*steps, *probes], cfg.warmup, cfg.reps, rank)
     result = RankResult(
         rank=rank, capacity=capacity, steps=[s.name for s in steps],
         probes=[ProbeInfo(p.name, p.channel, p.count) for p in probes], samples_s=samples,

@@ -16,6 +16,8 @@ import torch
 from fsmoe.schedule.runtime import TraceEvent, chrome_trace
 
 OTHER_LOAD_WARN = 0.10  # share of the machine's CPU outside our ranks above which the table warns
+FAMILY_COLORS = {"sequential": "#888888", "tutel": "#4c72b0", "tutel_improved": "#64b5cd", "lina": "#8172b2",
+                 "fsmoe_no_iio": "#dd8452", "fsmoe": "#c44e52", "deepspeed": "#55a868"}  # bar colour per family
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -125,11 +127,9 @@ def write_chart(path: str | Path, payload: dict[str, Any]) -> str | None:
     except ImportError:
         return "no chart: matplotlib is not installed (pip install -e .[bench])"
     rows = payload["implementations"]
-    colors = {"sequential": "#888888", "tutel": "#4c72b0", "tutel_improved": "#64b5cd", "lina": "#8172b2",
-              "fsmoe_no_iio": "#dd8452", "fsmoe": "#c44e52", "deepspeed": "#55a868"}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 4.2))
     ax.bar([r["name"] for r in rows], [r["median_s"] for r in rows],
-           color=[colors.get(r["family"], "#999999") for r in rows])
+           color=[FAMILY_COLORS.get(r["family"], "#999999") for r in rows])
     lb = payload["lower_bound"]["seconds"]
     ax.axhline(lb, color="black", linestyle="--", linewidth=1, label=f"lower bound {lb:.3f} s")
     cfg = payload["config"]

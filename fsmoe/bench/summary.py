@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fsmoe.bench.config import DEEPSPEED, LayerBenchConfig
 from fsmoe.bench.rank import RankResult
@@ -50,7 +50,16 @@ def _best(rows: Sequence[dict[str, Any]], family: str) -> dict[str, Any] | None:
     return min(mine, key=lambda r: (r["median_s"], r["name"])) if mine else None
 
 
-def _cpu(first: RankResult, name: str) -> dict[str, Any]:
+class CpuSamples(Protocol):
+    """What :func:`cpu_stats` and :func:`other_load` read from rank 0's result (a layer or train bench's)."""
+
+    samples_s: dict[str, list[float]]
+    busy_cpu_s: dict[str, list[float]]
+    ranks_cpu_s: dict[str, list[float]]
+    cpu_count: int
+
+
+def cpu_stats(first: CpuSamples, name: str) -> dict[str, Any]:
     """Machine CPU-seconds busy during the run (median) and the share of all cores that is."""
     busy = first.busy_cpu_s.get(name)
     if not busy:
@@ -81,11 +90,11 @@ def summarize(cfg: LayerBenchConfig, results: Sequence[RankResult], *, cluster: 
             "extra_mem_mb": max(p.extra_bytes for p in peaks) / _MB if peaks else None,
             "peak_mem_mb_per_rank": [p.peak_bytes / _MB for p in peaks],
             "extra_mem_mb_per_rank": [p.extra_bytes / _MB for p in peaks],
-            **_cpu(first, name),
+            **cpu_stats(first, name),
         })
 
     probes = [{"name": p.name, "channel": p.channel, "count": p.count, "median_s": statistics.median(samples[p.name]),
-               "samples_s": samples[p.name], **_cpu(first, p.name)} for p in first.probes]
+               "samples_s": samples[p.name], **cpu_stats(first, p.name)} for p in first.probes]
     channels = {c: sum(p["count"] * p["median_s"] for p in probes if p["channel"] == c) for c in CHANNELS}
     busiest = max(CHANNELS, key=lambda c: channels[c])
     bound = channels[busiest]
@@ -113,12 +122,12 @@ def summarize(cfg: LayerBenchConfig, results: Sequence[RankResult], *, cluster: 
         "best_fsmoe": best_fsmoe["name"] if best_fsmoe else None,
         "targets": _targets(cfg, rows, bound, cluster),
         "memory_note": first.memory_note,
-        "other_load": _other_load(first, rows, probes),
+        "other_load": other_load(first, rows, probes),
         "rank_wall_s": max(r.wall_s for r in results),
     }
 
 
-def _other_load(first: RankResult, rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> dict[str, Any] | None:
+def other_load(first: CpuSamples, rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> dict[str, Any] | None:
     """CPU-seconds the machine spent outside our rank processes during the timed runs, as a share of
     the cores' capacity: kernel network work is a few percent; much more means another job ran
     meanwhile and the numbers are suspect."""

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fsmoe.models.gpt_moe import GPTMoE, GPTMoEConfig, gpt2_moe_tiny
+from fsmoe.models.gpt_moe import GPTMoE, GPTMoEConfig, ModelOutput, gpt2_moe_tiny
 from fsmoe.moe.layer import MoEStats
 from fsmoe.parallel.grad_plan import PlannedGradSync, greedy_plan, parse_plan
 from fsmoe.parallel.grad_sync import GradSync
@@ -138,7 +138,7 @@ def _world_mean(values: list[float], ctx: DistContext | None) -> list[float]:
     return t.tolist()
 
 
-class _Batches:
+class RankBatches:
     """Every rank draws the same global batch and keeps its dense-DP rows, so a distributed run sees
     exactly the data of the single-process run with the same seed."""
 
@@ -155,7 +155,7 @@ class _Batches:
 
 
 @torch.no_grad()
-def evaluate(model: GPTMoE, batches: _Batches | BatchSampler, iters: int, ctx: DistContext | None = None) -> float:
+def evaluate(model: GPTMoE, batches: RankBatches | BatchSampler, iters: int, ctx: DistContext | None = None) -> float:
     """Mean LM loss over ``iters`` batches in eval mode (restores the previous mode)."""
     was_training = model.training
     model.eval()
@@ -214,6 +214,29 @@ def build_grad_sync(model: GPTMoE, cfg: TrainConfig, ctx: DistContext | None) ->
     return sync
 
 
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, sync: GradSync | PlannedGradSync, batch: tuple[Tensor, Tensor],
+    step: int, cfg: TrainConfig, ctx: DistContext | None,
+) -> ModelOutput:
+    """One optimizer step at 1-based ``step`` on this rank's ``batch`` (x_BL, y_BL): forward, backward of
+    LM + aux loss, gradient sync, clipping, AdamW at ``lr_at(step)``. Collective when ``ctx`` is set;
+    no syncing reads. ``model`` is a :class:`GPTMoE` (or any module with the same forward contract)."""
+    lr = lr_at(step, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x_BL, y_BL = batch
+    out: ModelOutput = model(x_BL, y_BL)
+    assert out.loss is not None
+    loss: Tensor = out.loss + out.aux_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sync.sync()
+    if cfg.grad_clip is not None:
+        clip_grads_(model, cfg.grad_clip, 1 if ctx is None else ctx.world, None if ctx is None else ctx.groups)
+    opt.step()
+    return out
+
+
 def run_train(cfg: TrainConfig) -> TrainResult:
     """Train from scratch as ``cfg`` says; see the module docstring for what is logged and written.
     With ``cfg.parallel.nproc > 1`` this runs on every launched rank (see :mod:`fsmoe.train.distributed`)."""
@@ -236,7 +259,7 @@ def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainRe
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    train = _Batches(corpus.train_N, cfg, cfg.seed, ctx)
+    train = RankBatches(corpus.train_N, cfg, cfg.seed, ctx)
     model = build_model(cfg, ctx)
     model.train()
     opt = build_optimizer(model, cfg)
@@ -267,18 +290,8 @@ def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainRe
             step += 1
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x_BL, y_BL = train.sample()
-            out = model(x_BL, y_BL)
+            out = train_step(model, opt, sync, train.sample(), step, cfg, ctx)
             assert out.loss is not None
-            loss: Tensor = out.loss + out.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sync.sync()
-            if cfg.grad_clip is not None:
-                clip_grads_(model, cfg.grad_clip, 1 if ctx is None else ctx.world, None if ctx is None else ctx.groups)
-            opt.step()
             train_seconds += time.perf_counter() - t0
             interval_loss += out.loss.detach()
             interval_steps += 1
@@ -318,7 +331,7 @@ def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainRe
         if metrics is not None:
             metrics.close()
 
-    val = _Batches(corpus.val_N, cfg, cfg.seed + 1, ctx)
+    val = RankBatches(corpus.val_N, cfg, cfg.seed + 1, ctx)
     val_loss = evaluate(model, val, cfg.eval_iters, ctx)
     result = TrainResult(
         first_loss=first_loss,
