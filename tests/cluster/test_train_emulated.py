@@ -55,3 +55,22 @@ def test_train_runs_on_two_emulated_nodes_and_cleans_up(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["parallel"]["procs_per_node"] == 1
     assert set(list_namespaces("fsmoe-")) == before
     assert not list_namespaces(f"fsmoe-{os.getpid()}-")
+
+
+def test_without_the_rights_it_refuses_then_runs_unshaped_when_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fsmoe.cluster.launcher as launcher
+
+    monkeypatch.setattr(launcher, "check_privileges", lambda: "not root (test)")
+    flags = ["train", "--emulate-nodes", "2", "--nproc", "2", "--ep", "2", "--steps", "1", "--batch-size", "4",
+             "--eval-iters", "1", "--data-bytes", "200000", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exc:
+        main(flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "not root (test)" in err and "--allow-unshaped" in err
+    assert not (tmp_path / "run").exists()  # refused before any rank started
+    with pytest.warns(RuntimeWarning, match="UNSHAPED"):
+        assert main([*flags, "--allow-unshaped"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
