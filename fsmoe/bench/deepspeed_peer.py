@@ -83,6 +83,13 @@ def init_deepspeed(threads: int) -> tuple[Any, Any] | str:
         from deepspeed.utils import groups as ds_groups
     except ImportError as err:
         return f"DeepSpeed is not installed ({err}); pip install -e .[bench]"
+    # DeepSpeed's CPU shared-memory all-reduce kernel (inference only, unused here) sometimes aborted a
+    # rank at start-up ("terminate called without an active exception"); keep it out.
+    from deepspeed.accelerator import get_accelerator
+
+    shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if shm is not None:
+        deepspeed.ops.__compatible_ops__[shm.NAME] = False
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the gloo group this rank already joined
     torch.set_num_threads(threads)  # whatever DeepSpeed's import did to the thread pool
     return MoE, ds_groups
