@@ -296,7 +296,8 @@ class _Launcher:
                 raise RankFailed(rank, res[1])  # type: ignore[arg-type]
         rank = first if first is not None else 0
         raise RankFailed(
-            rank, f"exited with status {outcome.code} without a traceback; its last output:\n{_log_tail(tmp, rank)}"
+            rank, f"exited with status {outcome.code}{_status_hint(outcome.code)} without a traceback; its last "
+            f"output:\n{_log_tail(tmp, rank)}"
         )
 
 
@@ -497,6 +498,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _status_hint(code: int) -> str:
+    """What an exit status usually means when a rank died without a Python traceback."""
+    return {134: " (SIGABRT: a C++ abort)", 137: " (SIGKILL: often the kernel's out-of-memory killer)",
+            139: " (SIGSEGV)"}.get(code, "")
 
 
 def _unavailable_message(spec: EmulatedClusterSpec, reason: str) -> str:
