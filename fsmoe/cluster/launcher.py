@@ -287,13 +287,13 @@ class _Launcher:
                 f"ranks {missing} did not finish within {outcome.seconds:.1f} s; all ranks "
                 f"were killed. Their last output:\n{tails}"
             )
+        # The root cause is the rank whose error came first: once it dies, its peers fail too (connection
+        # reset), and one of them may even be reaped before it.
+        raised = sorted((res[2], r) for r, res in enumerate(results) if res is not None and not res[0])
+        if raised:
+            rank = raised[0][1]
+            raise RankFailed(rank, results[rank][1])  # type: ignore[index]
         first = outcome.failed_rank
-        failing = [first] if first is not None else []
-        failing += [r for r, res in enumerate(results) if res is not None and not res[0] and r != first]
-        for rank in failing:
-            res = results[rank]
-            if res is not None and not res[0]:
-                raise RankFailed(rank, res[1])  # type: ignore[arg-type]
         rank = first if first is not None else 0
         raise RankFailed(
             rank, f"exited with status {outcome.code}{_status_hint(outcome.code)} without a traceback; its last "

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import pickle
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -33,20 +34,20 @@ def result_path(folder: str | Path, rank: int) -> Path:
     return Path(folder) / f"result-{rank}.pkl"
 
 
-def read_result(folder: str | Path, rank: int) -> tuple[bool, Any] | None:
-    """Rank ``rank``'s ``(ok, payload)``, or None when it wrote none."""
+def read_result(folder: str | Path, rank: int) -> tuple[bool, Any, float] | None:
+    """Rank ``rank``'s ``(ok, payload, written_at)`` (``time.time()``), or None when it wrote none."""
     try:
         data = result_path(folder, rank).read_bytes()
     except FileNotFoundError:
         return None
-    ok, payload = pickle.loads(data)
-    return bool(ok), payload
+    ok, payload, written_at = pickle.loads(data)
+    return bool(ok), payload, float(written_at)
 
 
 def _write_result(folder: str, rank: int, ok: bool, payload: Any) -> None:
     path = result_path(folder, rank)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps((ok, payload)))
+    tmp.write_bytes(pickle.dumps((ok, payload, time.time())))
     os.replace(tmp, path)  # the launcher never reads half a file
 
 
