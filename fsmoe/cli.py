@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fsmoe.bench.config import LAUNCHERS, LayerBenchConfig, quick_layer_config
+from fsmoe.bench.config import LAUNCHERS, LayerBenchConfig, config_from_args, quick_layer_config
 from fsmoe.bench.layer import run_layer_bench
 from fsmoe.cluster import ClusterUnavailable, EmulatedClusterSpec, launch_on_cluster
 from fsmoe.models.gpt_moe import MODEL_PRESETS, GPTMoEConfig, model_preset
@@ -236,6 +236,7 @@ def _degree_pair(text: str) -> tuple[int, int]:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks on the emulated multi-node cluster")
+    p.set_defaults(handler=_handle_bench)
     which = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     d, q = LayerBenchConfig(), quick_layer_config()
     lp = which.add_parser(
@@ -305,7 +306,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     flag(run, "--trace", "trace", "Chrome-trace JSON of the fastest fsmoe step, every rank", metavar="FILE")
     run.add_argument("--trace-all", dest="trace_all", action="store_true", default=None,
                      help="with --trace: one trace file per implementation (<trace>-<name>.json)")
-    lp.set_defaults(handler=_handle_bench_layer)
+    lp.set_defaults(bench_config=bench_layer_config_from_args, bench_run=run_layer_bench)
     from fsmoe.bench.train import add_train_parser  # declares `fsmoe bench train` and its handler
 
     add_train_parser(which)
@@ -313,22 +314,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def bench_layer_config_from_args(args: argparse.Namespace) -> LayerBenchConfig:
     """The defaults (or ``--quick``'s) with every given flag applied on top."""
-    base = quick_layer_config() if args.quick else LayerBenchConfig()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(LayerBenchConfig)
-             if getattr(args, f.name, None) is not None}
-    for name in ("schedules", "degrees", "mixed_degrees"):
-        if name in given:
-            given[name] = tuple(given[name])
-    return base.replace(**given)
+    return config_from_args(args, quick_layer_config() if args.quick else LayerBenchConfig())
 
 
-def _handle_bench_layer(args: argparse.Namespace) -> int:
+def _handle_bench(args: argparse.Namespace) -> int:
+    """Every ``fsmoe bench`` subcommand: its parser sets ``bench_config`` (flags -> config) and ``bench_run``."""
     try:
-        cfg = bench_layer_config_from_args(args)
+        cfg = args.bench_config(args)
     except ValueError as e:
         raise UsageError(str(e)) from e
     try:
-        run_layer_bench(cfg)
+        args.bench_run(cfg)
     except ClusterUnavailable as e:  # --launcher emulated where namespaces cannot be built
         raise UsageError(str(e)) from e
     return 0

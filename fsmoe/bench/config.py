@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from fsmoe.cluster.spec import EmulatedClusterSpec
 from fsmoe.moe.config import MoEConfig
@@ -22,6 +23,13 @@ from fsmoe.schedule.schedules import check_degrees, get_schedule
 DEEPSPEED = "deepspeed"
 LAUNCHERS = ("auto", "emulated", "local")
 DEFAULT_SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")
+
+
+def config_from_args(args: Any, base: Any) -> Any:
+    """``base`` (a bench config dataclass: the defaults or ``--quick``'s) with every flag the user gave
+    applied on top; list-valued flags become tuples, as the configs store them."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name, None) is not None}
+    return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def chart_path(out: str | None, chart: str | None) -> str | None:

@@ -22,9 +22,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from fsmoe.bench.config import DEEPSPEED, LayerBenchConfig
+from fsmoe.bench.config import LayerBenchConfig
 from fsmoe.bench.rank import RankResult, layer_bench_rank
-from fsmoe.bench.report import env_info, format_markdown, write_chart, write_json, write_traces
+from fsmoe.bench.report import finish_report, format_markdown, write_chart, write_traces
 from fsmoe.bench.summary import summarize
 from fsmoe.cluster import EmulatedCluster, EmulatedClusterSpec, LocalCluster, open_cluster
 
@@ -74,12 +74,6 @@ def run_layer_bench(cfg: LayerBenchConfig, *, echo: Callable[[str], None] = prin
     results: list[RankResult]
     results, cluster_info = run_bench_ranks("layer", cfg, layer_bench_rank, _estimate(cfg), echo)
     payload = summarize(cfg, results, cluster=cluster_info)
-    payload["env"] = env_info()
-    if cfg.include_deepspeed:
-        from fsmoe.bench.deepspeed_peer import deepspeed_version
-
-        payload["env"]["deepspeed"] = deepspeed_version()
-    payload["wall_s"] = time.perf_counter() - t0
     notes: list[str] = []
     if cfg.trace is not None:
         traces = {name: [e for r in results for e in r.traces.get(name, [])] for name in results[0].traces}
@@ -87,14 +81,4 @@ def run_layer_bench(cfg: LayerBenchConfig, *, echo: Callable[[str], None] = prin
         files = write_traces(cfg.trace, traces, single)
         payload["trace_files"] = files
         notes.append(f"trace: {', '.join(files)}" if files else "trace: no fsmoe step to trace")
-    if cfg.out is not None:
-        notes.append(f"json: {write_json(cfg.out, payload)}")
-    chart = cfg.chart_path()
-    if chart is not None:
-        missing = write_chart(chart, payload)
-        notes.append(missing or f"chart: {chart}")
-    echo(format_markdown(payload))
-    if DEEPSPEED in payload["skipped"]:
-        notes.append(f"deepspeed skipped: {payload['skipped'][DEEPSPEED]}")
-    echo("\n".join(notes) + f"\n(wall {payload['wall_s']:.0f} s)")
-    return payload
+    return finish_report(cfg, payload, t0, notes, format_markdown, write_chart, echo)

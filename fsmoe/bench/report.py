@@ -6,13 +6,15 @@ import json
 import math
 import os
 import platform
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fsmoe.bench.config import DEEPSPEED
 from fsmoe.schedule.runtime import TraceEvent, chrome_trace
 
 OTHER_LOAD_WARN = 0.10  # share of the machine's CPU outside our ranks above which the table warns
@@ -164,3 +166,27 @@ def _suffixed(path: str, name: str) -> str:
     p = Path(path)
     slug = name.replace(" ", "_").replace("=", "").replace("/", "-")
     return str(p.with_name(f"{p.stem}-{slug}{p.suffix or '.json'}"))
+
+
+def finish_report(
+    cfg: Any, payload: dict[str, Any], t0: float, notes: list[str], markdown: Callable[[dict[str, Any]], str],
+    chart: Callable[[str, dict[str, Any]], str | None], echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """The common end of a benchmark run: environment and wall time into ``payload``, the JSON and chart
+    ``cfg`` names written, the table and the notes (``notes`` first) echoed. Returns ``payload``."""
+    payload["env"] = env_info()
+    if cfg.include_deepspeed:
+        from fsmoe.bench.deepspeed_peer import deepspeed_version
+
+        payload["env"]["deepspeed"] = deepspeed_version()
+    payload["wall_s"] = time.perf_counter() - t0
+    if cfg.out is not None:
+        notes.append(f"json: {write_json(cfg.out, payload)}")
+    chart_file = cfg.chart_path()
+    if chart_file is not None:
+        notes.append(chart(chart_file, payload) or f"chart: {chart_file}")
+    echo(markdown(payload))
+    if DEEPSPEED in payload["skipped"]:
+        notes.append(f"deepspeed skipped: {payload['skipped'][DEEPSPEED]}")
+    echo("\n".join(notes) + f"\n(wall {payload['wall_s']:.0f} s)")
+    return payload

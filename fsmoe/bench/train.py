@@ -13,18 +13,16 @@ chart of tokens/s (PNG). What the numbers are: :mod:`fsmoe.bench.train_report`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
-from fsmoe.bench.config import DEEPSPEED, LAUNCHERS
+from fsmoe.bench.config import LAUNCHERS, config_from_args
 from fsmoe.bench.layer import run_bench_ranks
-from fsmoe.bench.report import env_info, write_json
+from fsmoe.bench.report import finish_report
 from fsmoe.bench.train_config import TrainBenchConfig, quick_train_config
 from fsmoe.bench.train_rank import TrainRankResult, train_bench_rank
 from fsmoe.bench.train_report import format_train_markdown, summarize_train, write_train_chart
-from fsmoe.cluster import ClusterUnavailable
 from fsmoe.models.gpt_moe import MODEL_PRESETS
 from fsmoe.schedule.schedules import SCHEDULES
 from fsmoe.train.distributed import DISPATCHER_NAMES
@@ -38,24 +36,7 @@ def run_train_bench(cfg: TrainBenchConfig, *, echo: Callable[[str], None] = prin
     results: list[TrainRankResult]
     results, cluster_info = run_bench_ranks("train", cfg, train_bench_rank, estimate, echo)
     payload = summarize_train(cfg, results, cluster=cluster_info)
-    payload["env"] = env_info()
-    if cfg.include_deepspeed:
-        from fsmoe.bench.deepspeed_peer import deepspeed_version
-
-        payload["env"]["deepspeed"] = deepspeed_version()
-    payload["wall_s"] = time.perf_counter() - t0
-    notes: list[str] = []
-    if cfg.out is not None:
-        notes.append(f"json: {write_json(cfg.out, payload)}")
-    chart = cfg.chart_path()
-    if chart is not None:
-        missing = write_train_chart(chart, payload)
-        notes.append(missing or f"chart: {chart}")
-    echo(format_train_markdown(payload))
-    if DEEPSPEED in payload["skipped"]:
-        notes.append(f"deepspeed skipped: {payload['skipped'][DEEPSPEED]}")
-    echo("\n".join(notes) + f"\n(wall {payload['wall_s']:.0f} s)")
-    return payload
+    return finish_report(cfg, payload, t0, [], format_train_markdown, write_train_chart, echo)
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------
@@ -117,29 +98,10 @@ def add_train_parser(which: argparse._SubParsersAction) -> argparse.ArgumentPars
     flag(run, "--timeout", "timeout_s", "seconds before the ranks are stopped", type=float)
     flag(run, "--out", "out", "JSON result file", metavar="FILE")
     flag(run, "--chart", "chart", "PNG bar chart (default: --out with .png)", metavar="FILE")
-    tp.set_defaults(handler=handle_bench_train)
+    tp.set_defaults(bench_config=train_bench_config_from_args, bench_run=run_train_bench)
     return tp
 
 
 def train_bench_config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
     """The defaults (or ``--quick``'s) with every given flag applied on top."""
-    base = quick_train_config() if args.quick else TrainBenchConfig()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainBenchConfig)
-             if getattr(args, f.name, None) is not None}
-    if "schedules" in given:
-        given["schedules"] = tuple(given["schedules"])
-    return base.replace(**given)
-
-
-def handle_bench_train(args: argparse.Namespace) -> int:
-    from fsmoe.cli import UsageError  # the CLI imports this module
-
-    try:
-        cfg = train_bench_config_from_args(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    try:
-        run_train_bench(cfg)
-    except ClusterUnavailable as e:  # --launcher emulated where namespaces cannot be built
-        raise UsageError(str(e)) from e
-    return 0
+    return config_from_args(args, quick_train_config() if args.quick else TrainBenchConfig())
