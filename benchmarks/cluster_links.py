@@ -2,7 +2,7 @@
 
 For every ``--links`` rate and every ``--layouts`` NODESxPPN, the script builds an emulated cluster
 (``fsmoe.cluster``: one network namespace per node, uplink and downlink shaped by ``tc tbf``) and runs
-:func:`fsmoe.cluster.linkcheck.survey` on its ranks:
+:func:`fsmoe.cluster.linkcheck.survey` on its ranks (:func:`~fsmoe.cluster.linkcheck.survey_cluster`):
 
 * an AlltoAll of each ``--sizes`` bytes per rank on the intra-node groups (the nodes) and on the
   inter-node groups (same local rank on every node); median of ``--reps`` samples, each the slowest
@@ -25,17 +25,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
+if __package__ in (None, ""):  # run as a script from a checkout: make `fsmoe` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, Table, env_info, write_json  # noqa: E402
-from fsmoe.cluster import EmulatedCluster, EmulatedClusterSpec, check_privileges, format_rate  # noqa: E402
-from fsmoe.cluster.linkcheck import LinkSurvey, survey  # noqa: E402
+from fsmoe.bench.report import REPO_ROOT, Table, env_info, write_json  # noqa: E402
+from fsmoe.cluster import EmulatedClusterSpec, check_privileges, format_rate  # noqa: E402
+from fsmoe.cluster.linkcheck import ClusterSurvey, survey_cluster  # noqa: E402
 
 _UNITS = {"k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -76,22 +75,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def _run_one(spec: EmulatedClusterSpec, args: argparse.Namespace) -> tuple[LinkSurvey, float]:
-    t0 = time.perf_counter()
-    with EmulatedCluster(spec) as cluster:
-        result = cluster.run_function(
-            survey,
-            procs_per_node=spec.procs_per_node,
-            sizes=tuple(args.sizes),
-            overlap_nbytes=args.overlap_bytes,
-            reps=args.reps,
-            timeout=args.timeout,
-        )[0]  # every rank holds the same MAX-reduced times
-    return result, time.perf_counter() - t0
+def _add_rows(links: Table, overlap: Table, res: ClusterSurvey) -> None:
+    spec = res.spec
+    rate, layout = spec.rate_bits, f"{spec.nodes}x{spec.procs_per_node}"
+    for t in res.survey.links:
+        share = f"{t.uplink_bits_per_s / rate:.0%}" if rate else "-"
+        # one rank per node: the intra-node "group" is a copy to itself
+        intra = [t.intra_s * 1e3, f"{t.ratio:.1f}x", t.rank_bytes_per_s("intra") / 1e9]
+        intra = intra if spec.procs_per_node > 1 else ["-", "-", "-"]
+        row = [format_rate(rate), layout, t.nbytes / 2**20, intra[0], t.inter_s * 1e3, *intra[1:]]
+        links.add([*row, t.uplink_bits_per_s / 1e6, share])
+    o = res.survey.overlap
+    if o is not None:
+        row = [format_rate(rate), layout, o.nbytes / 2**20, o.a2a_s * 1e3, o.matmul_n, o.matmul_s * 1e3]
+        overlap.add([*row, o.both_s * 1e3, f"{o.overlap_ratio:.2f}"])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -99,88 +96,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reason = check_privileges()
     if reason is not None:
         raise SystemExit(f"cluster_links: cannot build an emulated cluster here: {reason}")
-    links = Table(
-        [
-            "link",
-            "layout",
-            "MiB/rank",
-            "intra ms",
-            "inter ms",
-            "inter/intra",
-            "intra GB/s/rank",
-            "uplink Mbit/s",
-            "of nominal",
-        ]
-    )
+    links = Table(["link", "layout", "MiB/rank", "intra ms", "inter ms", "inter/intra", "intra GB/s/rank",
+                   "uplink Mbit/s", "of nominal"])  # fmt: skip
     overlap = Table(["link", "layout", "a2a MiB", "a2a ms", "matmul n", "matmul ms", "both ms", "overlap"])
-    results = []
-    busy: list[str] = []  # clusters measured while the machine was oversubscribed
+    surveys = []
     for nodes, ppn in args.layouts:
         for link in args.links:
             spec = EmulatedClusterSpec(nodes=nodes, procs_per_node=ppn, link=link, latency_ms=args.latency_ms)
-            load_before = _load()
-            res, wall_s = _run_one(spec, args)
-            load = max(load_before, _load())
-            if load > (os.cpu_count() or 1) + spec.world_size:  # the ranks themselves add world_size
-                busy.append(f"{spec.describe()}: load {load:g} on {os.cpu_count()} CPUs")
-            layout = f"{nodes}x{ppn}"
-            rate = spec.rate_bits
-            for t in res.links:
-                share = f"{t.uplink_bits_per_s / rate:.0%}" if rate else "-"
-                intra = (
-                    [t.intra_s * 1e3, f"{t.ratio:.1f}x", t.rank_bytes_per_s("intra") / 1e9]
-                    if ppn > 1
-                    else ["-", "-", "-"]
-                )  # one rank per node: the intra-node "group" is a copy to itself
-                links.add(
-                    [
-                        format_rate(rate),
-                        layout,
-                        t.nbytes / 2**20,
-                        intra[0],
-                        t.inter_s * 1e3,
-                        *intra[1:],
-                        t.uplink_bits_per_s / 1e6,
-                        share,
-                    ]
-                )
-            o = res.overlap
-            if o is not None:
-                overlap.add(
-                    [
-                        format_rate(rate),
-                        layout,
-                        o.nbytes / 2**20,
-                        o.a2a_s * 1e3,
-                        o.matmul_n,
-                        o.matmul_s * 1e3,
-                        o.both_s * 1e3,
-                        f"{o.overlap_ratio:.2f}",
-                    ]
-                )
-            results.append(
-                {
-                    "link": link,
-                    "rate_bits_per_s": rate,
-                    "tbf": spec.tbf(),
-                    "nodes": nodes,
-                    "procs_per_node": ppn,
-                    "wall_s": wall_s,
-                    "load_avg_1m": load,
-                    "links": [
-                        {**vars(t), "ratio": t.ratio, "uplink_bits_per_s": t.uplink_bits_per_s} for t in res.links
-                    ],
-                    "overlap": None if o is None else {**vars(o), "overlap_ratio": o.overlap_ratio},
-                }
+            res = survey_cluster(
+                spec, sizes=args.sizes, overlap_nbytes=args.overlap_bytes, reps=args.reps, timeout=args.timeout
             )
-            print(f"done {spec.describe()} in {wall_s:.1f} s", file=sys.stderr, flush=True)
-    print("AlltoAll on intra-node vs inter-node groups (median of slowest-rank samples)")
-    print(links)
-    print("\nInter-node AlltoAll overlapped with a matmul of about the same length")
-    print(overlap)
+            _add_rows(links, overlap, res)
+            surveys.append(res)
+            print(f"done {spec.describe()} in {res.wall_s:.1f} s", file=sys.stderr, flush=True)
+    print(f"AlltoAll on intra-node vs inter-node groups (median of slowest-rank samples)\n{links}")
+    print(f"\nInter-node AlltoAll overlapped with a matmul of about the same length\n{overlap}")
+    busy = [
+        f"  {s.spec.describe()}: load {s.load_avg_1m:g} on {os.cpu_count()} CPUs" for s in surveys if s.oversubscribed
+    ]
     if busy:
         print("\nWARNING: other work competed for the CPUs (overlap and intra-node times suffer most):")
-        print("\n".join(f"  {line}" for line in busy))
+        print("\n".join(busy))
     payload = {
         "benchmark": "cluster_links",
         "env": {**env_info("cpu"), "backend": "gloo", "threads_per_rank": 1},
@@ -197,10 +133,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "uplink_bits_per_s": "procs_per_node * nbytes * (nodes-1)/nodes * 8 / inter_s",
             "overlap_ratio": "(matmul_s + a2a_s - both_s) / min(matmul_s, a2a_s); 1 = fully hidden",
         },
-        "results": results,
+        "results": [s.to_json() for s in surveys],
     }
-    path = write_json(args.out, payload)
-    print(f"\nwrote {path}")
+    print(f"\nwrote {write_json(args.out, payload)}")
     return payload
 
 

@@ -2,14 +2,14 @@
 
 Our schedules train the model exactly as ``fsmoe train`` does; the DeepSpeed twin has the same weights,
 gate rule, capacity, layout and batches; one optimizer step each per round, interleaved; median step
-time, tokens/s, the ratio to DeepSpeed, and the losses; a markdown table, JSON, a PNG chart. This
-script is the CLI subcommand under another name (same flags): ``python benchmarks/train.py --help``.
-What is measured is documented in :mod:`fsmoe.bench.train_report`.
+time, tokens/s, the ratio to DeepSpeed, and the losses; a markdown table, and in ``--out`` (a directory)
+the JSON, a PNG chart and the resolved job.toml. This script is the CLI subcommand under another name
+(same flags): ``python benchmarks/train.py --help``. What is measured is documented in :mod:`fsmoe.bench.train`.
 
 Examples (2 emulated nodes x 2 ranks; needs root for the network namespaces)::
 
     python benchmarks/train.py --quick
-    python benchmarks/train.py --link 1gbit --ep 4 --steps 8 --out bench_results/train_1gbit_ep4.json
+    python benchmarks/train.py --link 1gbit --ep 4 --reps 8 --out bench_results/train_1gbit_ep4
 """
 
 from __future__ import annotations

@@ -1,18 +1,31 @@
-"""Side-by-side benchmarks on the emulated cluster.
+"""Side-by-side benchmarks: one harness (:mod:`~fsmoe.bench.harness`: ranks on the emulated cluster,
+interleaved rounds, slowest-rank timing, CPU accounting, memory; :mod:`~fsmoe.bench.report`: JSON,
+job.toml, tables, charts) and its workloads, each driven by a :class:`~fsmoe.config.JobConfig`:
 
 * ``fsmoe bench layer`` — one MoE layer configuration; our schedules at several pipeline degrees and
   DeepSpeed-MoE, interleaved in one run; medians, ratios to the fastest ``fsmoe`` schedule and to the
-  per-channel lower bound, peak memory (:func:`run_layer_bench`, :class:`LayerBenchConfig`).
+  per-channel lower bound, peak memory (:mod:`~fsmoe.bench.layer`, :mod:`~fsmoe.bench.layer_report`).
 * ``fsmoe bench train`` — tokens/s of the GPT-MoE trained with our schedules vs the same model with
-  DeepSpeed-MoE's layer (same weights, batches and layout), interleaved step by step
-  (:func:`run_train_bench`, :class:`TrainBenchConfig`).
+  DeepSpeed-MoE's layer (same weights, batches and layout), interleaved step by step (:mod:`~fsmoe.bench.train`).
+* ``benchmarks/gates.py`` — every gate × order in one process, beside DeepSpeed's gating (:mod:`~fsmoe.bench.gates`).
+
+DeepSpeed-MoE is an optional peer (:mod:`~fsmoe.bench.deepspeed_peer`). Per workload: ``run_*_bench(job)``
+runs it, ``quick_*_job(job)`` is ``--quick``, ``check_*_job(job)`` raises ``ValueError`` for what it
+cannot run (call it before any rank starts; ``run_*`` calls it too).
 """
 
-from fsmoe.bench.config import ImplSpec, LayerBenchConfig, quick_layer_config
-from fsmoe.bench.layer import run_layer_bench
-from fsmoe.bench.summary import summarize
-from fsmoe.bench.train import run_train_bench
-from fsmoe.bench.train_config import TrainBenchConfig, quick_train_config
+from fsmoe.bench.harness import DEEPSPEED, ImplSpec
+from fsmoe.bench.layer import QUICK_LAYER, check_layer_job, layer_impls, quick_layer_job, run_layer_bench
+from fsmoe.bench.layer_report import summarize
+from fsmoe.bench.train import (
+    QUICK_TRAIN,
+    check_train_job,
+    quick_train_job,
+    run_train_bench,
+    summarize_train,
+    train_rows,
+)
 
-__all__ = ["ImplSpec", "LayerBenchConfig", "TrainBenchConfig", "quick_layer_config", "quick_train_config",
-           "run_layer_bench", "run_train_bench", "summarize"]
+__all__ = ["DEEPSPEED", "QUICK_LAYER", "QUICK_TRAIN", "ImplSpec", "check_layer_job", "check_train_job", "layer_impls",
+           "quick_layer_job", "quick_train_job", "run_layer_bench", "run_train_bench", "summarize", "summarize_train",
+           "train_rows"]

@@ -1,21 +1,37 @@
-"""DeepSpeed-MoE as a peer in the layer benchmark (optional; ``pip install -e .[bench]``).
+"""DeepSpeed-MoE as a peer in both benchmarks (optional; ``pip install -e .[bench]``).
 
-Legend: T tokens per rank, D model dim, H expert hidden, E experts, K top-k.
+Legend: T tokens per rank, D model dim, H expert hidden, E experts, e = E / EP local experts, K top-k.
 
 ``deepspeed.moe.layer.MoE`` is built on this rank's existing gloo process group, without DeepSpeed's
 launcher or engine: ``deepspeed.init_distributed(dist_backend="gloo")`` wraps the group we already
-joined, and ``MoE.set_deepspeed_parallelism`` creates its expert groups. It gets the same T, D, H, E,
-K and capacity factor as our layer, a GELU FFN expert (D → H → D, biases, like our ``ffn``), fixed
-capacity (``drop_tokens=True``, ``min_capacity=0``), no random token selection and no sampled second
-expert, so it routes by the same top-k rule into the same C = ceil(K·f·T/E) slots per expert.
+joined (:func:`init_deepspeed`), and ``MoE.set_deepspeed_parallelism`` creates its expert groups. It
+gets a GELU FFN expert (D → H → D, biases, like our ``ffn``) or a SwiGLU one, fixed capacity
+(``drop_tokens=True``), no random token selection and no sampled second expert, so it routes by the
+same top-k rule into the same C = ceil(K·f·T/E) slots per expert as our layer.
 
-Its EP groups use DeepSpeed's data-before-expert order (EP stride world/ep), which equals our EP
-groups (stride esp) whenever ep·esp = world, so its AlltoAlls cross the same shaped links as ours.
-DeepSpeed-MoE cannot shard an expert's H over ranks (no ESP): with esp > 1 it runs at the same EP
-degree with whole experts replicated over world/ep ranks, which does the same expert FLOPs per rank
-but must all-reduce the expert gradients over the replicas after the backward (what its engine would
-do); that AllReduce is timed with it, and the table says so. The dense GAR follows the backward, as
-in DeepSpeed's engine.
+**Layer benchmark** (:func:`build_deepspeed_step`): the same T, D, H, E, K and capacity factor as our
+layer, on the same input. Its EP groups use DeepSpeed's data-before-expert order (EP stride world/ep),
+which equals our EP groups (stride esp) whenever ep·esp = world, so its AlltoAlls cross the same shaped
+links as ours. DeepSpeed-MoE cannot shard an expert's H over ranks (no ESP): with esp > 1 it runs at
+the same EP degree with whole experts replicated over world/ep ranks, which does the same expert FLOPs
+per rank but must all-reduce the expert gradients over the replicas after the backward (what its
+engine would do); that AllReduce is timed with it, and the table says so. The dense GAR follows the
+backward, as in DeepSpeed's engine.
+
+**Train benchmark** (:func:`build_deepspeed_twin`): the GPT-MoE built from the job's seed exactly as
+the trainer builds it, with every :class:`~fsmoe.moe.layer.MoELayer` replaced by DeepSpeed's ``MoE``
+holding the *same* weights: the gate's ``wg``, and this rank's e experts (DeepSpeed's EP rank p holds
+experts p·e .. p·e + e - 1, the experts our EP coordinate p holds) copied from the stacked
+``w1_eDH``/``b1_eH``/... into per-expert ``nn.Linear`` modules. DeepSpeed routes like our renormalising
+top-k gate (argmax first choice, then the best other; all first choices before second ones in token
+order; kept weights renormalised for K = 2) and its aux loss is the same GShard balance loss, which
+the wrapper weights by the layer's ``aux_loss_coef``: from the same weights the two models compute the
+same loss. Training then runs through the trainer's own ``train_step`` with our bucketed
+:class:`~fsmoe.parallel.grad_sync.GradSync` after the backward (what DeepSpeed's engine does). Its
+engine itself (ZeRO, its optimizer, fp16) is not used. Known difference: the trainer decays
+parameters of 2+ dims; our stacked expert biases (e, H) are 2-D and decayed, DeepSpeed's per-expert
+biases (H,) are not; over a few steps at the default lr that is far below the loss's noise.
+:func:`deepspeed_unable` says (purely) when the twin cannot mirror a job.
 
 DeepSpeed's first ``init_distributed`` on a CPU machine compiles a small shared-memory extension
 (~1–2 min on 2 cores) into ``TORCH_EXTENSIONS_DIR``; later runs load it.
@@ -23,18 +39,29 @@ DeepSpeed's first ``init_distributed`` on a CPU machine compiles a small shared-
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmoe.bench.config import DEEPSPEED, ImplSpec
-from fsmoe.bench.impls import LayerWorkload, Outputs, Step
+from fsmoe.bench.harness import DEEPSPEED, ImplSpec
+from fsmoe.bench.layer_workload import LayerWorkload, Outputs, Step
+from fsmoe.config import JobConfig, MoEConfig
+from fsmoe.models.gpt_moe import GPTMoE
+from fsmoe.moe.experts import Experts
+from fsmoe.moe.gates import capacity_for
+from fsmoe.moe.layer import MoELayer, MoEStats
+from fsmoe.parallel.grad_sync import mark_replicas
+
+if TYPE_CHECKING:
+    from fsmoe.train.distributed import DistContext
+
+DS_GATES = ("gshard", "switch")  # DeepSpeed-MoE's top-k softmax gating
+DS_TOP_K = (1, 2)  # top1gating / top2gating; its top-k>2 gate scales the aux loss by 1/k
 
 
 class FFN(nn.Module):
@@ -95,38 +122,38 @@ def init_deepspeed(threads: int) -> tuple[Any, Any] | str:
     return MoE, ds_groups
 
 
-def deepspeed_version() -> str | None:
-    """The installed DeepSpeed's version (without importing it), or None."""
-    try:
-        return importlib.metadata.version("deepspeed")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _ds_moe(MoE: Any, moe: MoEConfig, d_model: int, ep: int) -> nn.Module:
+    """DeepSpeed's layer for ``moe`` at D = ``d_model`` over ``ep`` ranks (see the module doc)."""
+    expert: nn.Module = FFN(d_model, moe.d_hidden) if moe.expert == "ffn" else SwiGLU(d_model, moe.d_hidden)
+    return MoE(hidden_size=d_model, expert=expert, num_experts=moe.num_experts, ep_size=ep, k=moe.top_k,
+               capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.capacity_factor,
+               min_capacity=moe.min_capacity, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
 
 
+# --- the layer benchmark's peer -----------------------------------------------------------------------------
 def build_deepspeed_step(work: LayerWorkload, threads: int) -> Step | str:
     """DeepSpeed-MoE's step on this rank, or why it cannot run (a one-line reason for the table).
     Collective over the world (DeepSpeed creates process groups): call it on every rank."""
-    cfg = work.cfg
-    if cfg.gate not in ("gshard", "switch"):
-        return f"DeepSpeed-MoE has only top-k softmax gating, not {cfg.gate!r}"
+    job = work.job
+    moe_cfg, par = job.moe, job.parallel
+    if moe_cfg.gate not in DS_GATES:
+        return f"DeepSpeed-MoE has only top-k softmax gating, not {moe_cfg.gate!r}"
+    if moe_cfg.capacity_factor is None:
+        return "DeepSpeed-MoE runs here with a fixed capacity factor (drop_tokens=True), not 'none'"
     ds = init_deepspeed(threads)
     if isinstance(ds, str):
         return ds
     MoE, ds_groups = ds
-    torch.manual_seed(cfg.seed)
-    expert: nn.Module = FFN(cfg.d_model, cfg.d_hidden) if cfg.expert == "ffn" else SwiGLU(cfg.d_model, cfg.d_hidden)
-    moe = MoE(hidden_size=cfg.d_model, expert=expert, num_experts=cfg.experts, ep_size=cfg.ep, k=cfg.top_k,
-              capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.capacity_factor, min_capacity=0,
-              drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+    torch.manual_seed(job.run.seed)
+    moe = _ds_moe(MoE, moe_cfg, job.model.d_model, par.ep)
     moe.set_deepspeed_parallelism(use_data_before_expert_parallel_=True)
     moe.train()
     ep_ranks = tuple(dist.get_process_group_ranks(moe.deepspeed_moe.ep_group))
     if sorted(ep_ranks) != sorted(work.groups.ranks["ep"]):
         return f"DeepSpeed's EP group {list(ep_ranks)} differs from ours {list(work.groups.ranks['ep'])}"
-    name = moe.expert_group_name
-    expert_dp_group = ds_groups._get_expert_data_parallel_group(name)
+    expert_dp_group = ds_groups._get_expert_data_parallel_group(moe.expert_group_name)
     expert_dp = dist.get_world_size(expert_dp_group)
-    expert_params = [p for p in moe.deepspeed_moe.experts.parameters()]
+    expert_params = list(moe.deepspeed_moe.experts.parameters())
 
     def forward() -> Outputs:
         y_TD, aux, _ = moe(work.x_TD.detach().requires_grad_())
@@ -142,7 +169,110 @@ def build_deepspeed_step(work: LayerWorkload, threads: int) -> Step | str:
             dist.all_reduce(flat, group=expert_dp_group)
 
     note = "GAR after the backward"
-    if cfg.esp > 1:
-        note = (f"no ESP in DeepSpeed-MoE: EP={cfg.ep} with whole experts replicated x{expert_dp}, "
+    if par.esp > 1:
+        note = (f"no ESP in DeepSpeed-MoE: EP={par.ep} with whole experts replicated x{expert_dp}, "
                 f"+ expert-grad AllReduce; {note}")
-    return Step(ImplSpec(DEEPSPEED), forward, zero_grad, after_backward, None, note=note)
+    return Step(spec=ImplSpec(DEEPSPEED), forward=forward, zero_grad=zero_grad, after_backward=after_backward,
+                note=note)
+
+
+# --- the train benchmark's twin -------------------------------------------------------------------------------
+def deepspeed_unable(job: JobConfig) -> str | None:
+    """Why the DeepSpeed twin cannot mirror ``job``'s model and layout (pure checks), or None."""
+    moe, par = job.moe, job.parallel
+    if par.mp > 1:
+        return f"the DeepSpeed twin runs without tensor parallelism (mp=1), got mp={par.mp}"
+    if moe.gate not in DS_GATES or moe.noisy:
+        return f"DeepSpeed-MoE has only (noise-free) top-k softmax gating, not {moe.gate!r}"
+    if moe.top_k not in DS_TOP_K:
+        return f"the DeepSpeed twin supports top-1 and top-2 (its top-k gate scales the aux loss), got k={moe.top_k}"
+    if moe.capacity_factor is None:
+        return "the DeepSpeed twin runs with a fixed capacity factor (drop_tokens=True), not 'none'"
+    if moe.z_loss_coef:
+        return "DeepSpeed-MoE's gate has no router z-loss"
+    ep = par.ep * par.esp
+    if par.esp > 1 and moe.num_experts % ep:
+        return (f"no ESP in DeepSpeed-MoE, and E={moe.num_experts} experts do not split over the EP-only "
+                f"layout's EP={ep} ranks")
+    return None
+
+
+class DeepSpeedMoEBlock(nn.Module):
+    """``forward(x_BLD) -> y_BLD`` through a DeepSpeed-MoE layer; sets ``last_stats`` like
+    :class:`~fsmoe.moe.layer.MoELayer`, so :class:`~fsmoe.models.gpt_moe.GPTMoE` adds its aux loss."""
+
+    def __init__(self, moe: nn.Module, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.moe = moe
+        self.cfg = cfg
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        y_BLD, l_aux, counts_E = self.moe(x_BLD)
+        cfg = self.cfg
+        T = x_BLD.numel() // x_BLD.shape[-1]
+        C = capacity_for(T, cfg.num_experts, cfg.top_k, cfg)
+        # DeepSpeed's counts are before dropping; with position priority each expert drops what exceeds C.
+        dropped = (counts_E - C).clamp(min=0).sum()
+        self.last_stats = MoEStats(aux_loss=cfg.aux_loss_coef * l_aux, num_dropped=dropped,
+                                   num_assignments=T * cfg.top_k)
+        return y_BLD
+
+
+@torch.no_grad()
+def _load_experts(ds_experts: nn.ModuleList, full: Experts, first: int, kind: str) -> None:
+    """Copy experts ``first .. first + len(ds_experts) - 1`` of our stacked ``full`` into DeepSpeed's
+    per-expert modules (``nn.Linear`` stores (out, in), hence the transposes)."""
+    for i, ex in enumerate(ds_experts):
+        g = first + i
+        if kind == "ffn":
+            ex.fc1.weight.copy_(full.w1_eDH[g].t())
+            ex.fc1.bias.copy_(full.b1_eH[g])
+            ex.fc2.weight.copy_(full.w2_eHD[g].t())
+            ex.fc2.bias.copy_(full.b2_eD[g])
+        else:
+            ex.w1.weight.copy_(full.w1_eDH[g].t())
+            ex.w3.weight.copy_(full.w3_eDH[g].t())
+            ex.w2.weight.copy_(full.w2_eHD[g].t())
+
+
+def _full_model(job: JobConfig) -> GPTMoE:
+    """The single-device model the trainer's ``build_model`` starts from (seeded the same way)."""
+    torch.manual_seed(job.run.seed)
+    return GPTMoE(job.model)
+
+
+def build_deepspeed_twin(job: JobConfig, ctx: DistContext, threads: int) -> tuple[GPTMoE, str] | str:
+    """This rank's twin of ``job``'s model (a row's job: its layout is EP-only) and a note for the table,
+    or why it cannot be built (one line). Collective over the world: call it on every rank."""
+    ds = init_deepspeed(threads)
+    if isinstance(ds, str):
+        return ds
+    MoE, ds_groups = ds
+    moe_cfg, par = job.moe, job.parallel
+    model = _full_model(job)
+    e = moe_cfg.num_experts // par.ep
+    for block in model.blocks:
+        if not isinstance(block.mlp, MoELayer):
+            continue
+        ours: MoELayer = block.mlp
+        moe = _ds_moe(MoE, moe_cfg, job.model.d_model, par.ep)
+        # DeepSpeed's default layout: EP groups of contiguous ranks, expert-DP groups of stride EP -- ours
+        # for ESP = 1 (checked below).
+        moe.set_deepspeed_parallelism(use_data_before_expert_parallel_=False)
+        inner = moe.deepspeed_moe
+        ep_ranks = dist.get_process_group_ranks(inner.ep_group) if par.ep > 1 else [ctx.rank]
+        if sorted(ep_ranks) != sorted(ctx.groups.ranks["ep"]):
+            return f"DeepSpeed's EP group {ep_ranks} differs from ours {list(ctx.groups.ranks['ep'])}"
+        edp_group = ds_groups._get_expert_data_parallel_group(moe.expert_group_name)
+        edp_ranks = dist.get_process_group_ranks(edp_group)
+        if sorted(edp_ranks) != sorted(ctx.groups.ranks["expert_dp"]):
+            return f"DeepSpeed's expert-DP group {edp_ranks} differs from ours {list(ctx.groups.ranks['expert_dp'])}"
+        ep_rank = dist.get_rank(inner.ep_group) if par.ep > 1 else 0
+        with torch.no_grad():
+            inner.gate.wg.weight.copy_(ours.gate.wg.weight)
+        _load_experts(inner.experts.deepspeed_experts, ours.experts, ep_rank * e, moe_cfg.expert)
+        mark_replicas(inner.experts.parameters(), "expert_dp")
+        block.mlp = DeepSpeedMoEBlock(moe, moe_cfg)
+    model.train()
+    return model, f"deepspeed.moe.layer.MoE (EP={par.ep}); GAR after the backward"

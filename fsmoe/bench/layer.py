@@ -1,84 +1,140 @@
 """``fsmoe bench layer``: one MoE layer configuration, several implementations side by side in one run.
 
-Legend: T tokens per rank, D model dim, H expert hidden, E experts, K top-k, R pipeline degree.
+Legend: T tokens per rank, D model dim, H expert hidden, E experts, e local experts, K top-k, C capacity
+slots, W = N_EP, S = N_ESP, R pipeline degree.
 
-:func:`run_layer_bench` starts the ranks on an emulated cluster (:mod:`fsmoe.cluster`: one network
-namespace per node, tbf-shaped links) — or, where this machine cannot build one, unshaped on loopback
-with a warning — and runs :func:`fsmoe.bench.rank.layer_bench_rank` on every rank: our layer under
-each schedule and degree, DeepSpeed-MoE beside it, and the per-channel probes of the lower bound, all
-interleaved round by round (see :mod:`fsmoe.bench.rank`). It then prints a markdown table and writes
-the JSON (``cfg.out``), a bar chart (PNG) and, with ``cfg.trace``, a Chrome trace of the fastest
-``fsmoe`` step (every rank; open it in Perfetto).
+The job says everything: the layer is ``job.moe`` at D = ``model.d_model`` on T = ``bench.tokens``
+tokens per rank (one routing group, fp32); the layout ``parallel`` (EP × ESP over the world, dense part
+data-parallel, ``mp`` = 1) on ``cluster`` (emulated nodes of ``parallel.ppn`` ranks, each node's link
+``cluster.link``); the rows every schedule in ``bench.schedules`` at every degree in ``bench.degrees``
+(``sequential`` once, unpipelined), plus the ``bench.mixed_degrees`` pairs for ``fsmoe``, and
+DeepSpeed-MoE when ``bench.deepspeed`` (:func:`layer_impls`). :func:`check_layer_job` refuses what this
+benchmark cannot run; :func:`quick_layer_job` is ``--quick``.
 
-What the numbers are is documented in :mod:`fsmoe.bench.summary` (medians, ratios, lower bound,
-memory) and :mod:`fsmoe.bench.impls` (what one step and one probe run).
+:func:`run_layer_bench` runs :func:`layer_bench_rank` on every rank (:mod:`fsmoe.bench.harness`). One
+rank builds the groups (two channels), the shared layer, one :class:`Step` per implementation and the
+lower bound's probes (:class:`Probe`), times them in interleaved rounds, then (``bench.memory``) measures each
+step's peak memory and (``run.trace``) traces the fastest ``fsmoe`` step — or every step with
+``bench.trace_all``. What the numbers mean: :mod:`fsmoe.bench.layer_report`.
+
+A :class:`Step` is one forward + backward of one implementation on this rank's fixed input ``x_TD``
+with a fixed output gradient ``dy_TD``, plus the dense Gradient-AllReduce (GAR) of ``bench.dense_grad_mb``:
+after the backward for schedules without a GAR slot in the MoE block, inside the MoE backward (the
+pipeline's ``gar`` task, on the inter-node channel) for ``fsmoe`` and ``fsmoe_no_iio``. All our
+implementations share one MoE layer (the same weights, so the same routing) and differ only in its
+expert block.
+
+A :class:`Probe` runs one operation of the same work alone, on tensors of the shapes the layer moves,
+and says how often it occurs per forward + backward: the expert forward + backward over all
+(e, S·W·C, D) slots and the gate, Order and I-Order forward + backward (compute, once each); an ESP
+AllGather + ReduceScatter pair (intra, twice: forward and backward); one EP AlltoAll (inter, four
+times: dispatch, combine and their adjoints) and the GAR (inter, once). Each run starts from a
+barrier, so every operation is timed on its own, as the cheapest it gets on these links; the busiest
+channel's sum of count × time bounds every schedule from below.
 """
 
 from __future__ import annotations
 
-import sys
+import statistics
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-from fsmoe.bench.config import LayerBenchConfig
-from fsmoe.bench.rank import RankResult, layer_bench_rank
-from fsmoe.bench.report import finish_report, format_markdown, write_chart, write_traces
-from fsmoe.bench.summary import summarize
-from fsmoe.cluster import EmulatedCluster, EmulatedClusterSpec, LocalCluster, open_cluster
+import torch
+import torch.distributed as dist
+
+from fsmoe.bench.harness import DEEPSPEED, RoundTimes, memory_pass, rank_threads, run_on_ranks, timed_rounds
+from fsmoe.bench.layer_report import format_markdown, summarize, write_chart
+from fsmoe.bench.layer_workload import (
+    QUICK_LAYER,
+    LayerRankResult,
+    LayerWorkload,
+    ProbeInfo,
+    Step,
+    check_layer_job,
+    layer_impls,
+    quick_layer_job,
+)
+from fsmoe.bench.report import finish_report, write_traces
+from fsmoe.config import JobConfig
+from fsmoe.parallel.dims import ParallelDims, build_groups
+from fsmoe.schedule.runtime import TraceEvent
 
 
-def bench_cluster(spec: EmulatedClusterSpec, launcher: str) -> EmulatedCluster | LocalCluster:
-    """The cluster a benchmark runs on: ``emulated`` (namespaces; fail if impossible), ``local``
-    (plain loopback, unshaped), ``auto`` (emulated where possible, else local with a warning)."""
-    if launcher == "emulated":
-        return EmulatedCluster(spec)
-    if launcher == "local":
-        return LocalCluster(spec)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cluster = open_cluster(spec, allow_unshaped=True)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr, flush=True)
-    return cluster
+def traced_names(job: JobConfig, times: RoundTimes, steps: list[Step]) -> list[str]:
+    """Which steps get a trace: the fastest fsmoe-family step (``run.trace``), or every step (``bench.trace_all``)."""
+    if job.run.trace is None:
+        return []
+    if job.bench.trace_all:
+        return [s.name for s in steps]
+    ours = [s.name for s in steps if s.spec.family == "fsmoe"] or [s.name for s in steps if s.spec.is_ours]
+    return [min(ours, key=lambda n: (statistics.median(times.samples_s[n]), n))] if ours else []
 
 
-def run_bench_ranks(
-    name: str, cfg: Any, fn: Callable[[Any], Any], estimate: str, echo: Callable[[str], None]
-) -> tuple[list[Any], dict[str, Any]]:
-    """Run ``fn(cfg)`` on every rank of ``cfg``'s cluster (``cfg.cluster_spec()``, ``cfg.launcher``,
-    ``cfg.timeout_s``), warning when the links are not shaped: the per-rank results and a description
-    of the cluster for the payload."""
-    cluster = bench_cluster(cfg.cluster_spec(), cfg.launcher)
-    with cluster:
-        shaped = isinstance(cluster, EmulatedCluster) and cluster.spec.shaped
-        description = cluster.describe()
-        if not shaped:
-            print(f"warning: unshaped run ({description}): inter-node links are as fast as intra-node ones",
-                  file=sys.stderr, flush=True)
-        echo(f"[fsmoe bench {name}] {description}: {estimate} ...")
-        results = cluster.run_function(fn, cfg, timeout=cfg.timeout_s)
-    return results, {"description": description, "shaped": shaped, "launcher": type(cluster).__name__}
+def _trace(step: Step, rank: int) -> list[TraceEvent]:
+    """One more run of ``step`` with task tracing on: its phases and its pipeline's tasks."""
+    events: list[TraceEvent] = []
+    if step.runtime is not None:
+        step.runtime.trace, step.runtime.events = True, events
+    step.prepare()
+    dist.barrier()
+    step.run(events, rank)
+    if step.runtime is not None:
+        step.runtime.trace = False
+    return events
 
 
-def _estimate(cfg: LayerBenchConfig) -> str:
-    n = len(cfg.impls())
-    return f"{n} implementations x {cfg.warmup + cfg.reps} rounds (+ probes, memory pass)"
+def layer_bench_rank(rank: int, world_size: int, job: JobConfig) -> LayerRankResult:
+    """Run the benchmark of ``job`` on this rank (inside an initialised gloo world of ``world_size``)."""
+    start = time.perf_counter()
+    threads = rank_threads(job)
+    torch.set_num_threads(threads)
+    groups = build_groups(ParallelDims.from_config(job.parallel), channels=2)
+    work = LayerWorkload(job, groups, rank)
+    capacity = work.capacity()
+    steps: list[Step] = []
+    skipped: dict[str, str] = {}
+    for impl in layer_impls(job):
+        if impl.family == DEEPSPEED:
+            from fsmoe.bench.deepspeed_peer import build_deepspeed_step  # that module builds on this one
+
+            built = build_deepspeed_step(work, threads)
+            if isinstance(built, str):
+                skipped[impl.name] = built
+            else:
+                steps.append(built)
+        else:
+            steps.append(work.step(impl))
+    probes = work.probes(capacity)
+    times = timed_rounds([*steps, *probes], job.bench.warmup, job.bench.reps, rank)
+    memory, memory_note = memory_pass(steps) if job.bench.memory else ({}, None)
+    traces = {name: _trace(next(s for s in steps if s.name == name), rank) for name in traced_names(job, times, steps)}
+    return LayerRankResult(
+        rank=rank, names=[s.name for s in steps], specs=[s.spec for s in steps], times=times,
+        notes={s.name: s.note for s in steps}, skipped=skipped,
+        capacity=capacity, probes=[ProbeInfo(name=p.name, channel=p.channel, count=p.count) for p in probes],
+        memory=memory, memory_note=memory_note, traces=traces, wall_s=time.perf_counter() - start,
+    )
 
 
-def run_layer_bench(cfg: LayerBenchConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark of ``cfg``; print the table with ``echo``; write the files ``cfg`` names;
-    return the payload (see :mod:`fsmoe.bench.summary`)."""
+def run_layer_bench(job: JobConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark of ``job`` (:func:`check_layer_job` first); print the table with ``echo``; write
+    ``layer.json``, ``layer.png`` and ``job.toml`` into ``run.out`` and, with ``run.trace``, the Chrome
+    trace(s); return the payload (see :mod:`fsmoe.bench.layer_report`)."""
+    check_layer_job(job)
     t0 = time.perf_counter()
-    results: list[RankResult]
-    results, cluster_info = run_bench_ranks("layer", cfg, layer_bench_rank, _estimate(cfg), echo)
-    payload = summarize(cfg, results, cluster=cluster_info)
+    rounds = job.bench.warmup + job.bench.reps
+    estimate = f"{len(layer_impls(job))} implementations x {rounds} rounds (+ probes, memory pass)"
+    results, cluster = run_on_ranks("layer", job, layer_bench_rank, estimate, echo)
+    payload = summarize(job, results, cluster=cluster)
     notes: list[str] = []
-    if cfg.trace is not None:
+    if job.run.trace is not None:
         traces = {name: [e for r in results for e in r.traces.get(name, [])] for name in results[0].traces}
-        single = None if cfg.trace_all else next(iter(traces), None)
-        files = write_traces(cfg.trace, traces, single)
+        single = None if job.bench.trace_all else next(iter(traces), None)
+        files = write_traces(job.run.trace, traces, single)
         payload["trace_files"] = files
         notes.append(f"trace: {', '.join(files)}" if files else "trace: no fsmoe step to trace")
-    return finish_report(cfg, payload, t0, notes, format_markdown, write_chart, echo)
+    return finish_report("layer", job, payload, t0, notes, format_markdown, write_chart, echo)
+
+
+__all__ = ["QUICK_LAYER", "check_layer_job", "layer_bench_rank", "layer_impls", "quick_layer_job", "run_layer_bench"]

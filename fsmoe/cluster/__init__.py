@@ -1,7 +1,11 @@
-"""An emulated multi-node cluster on one Linux machine: one network namespace per node, a bridge
-between them, and each node's uplink and downlink shaped by ``tc tbf``, so inter-node traffic is
-really slower than intra-node (loopback) traffic and overlap can be measured.
+"""Ranks on one Linux machine: the one rank harness, and an emulated multi-node cluster to run them on
+(one network namespace per node, a bridge between them, and each node's uplink and downlink shaped by
+``tc tbf``, so inter-node traffic is really slower than intra-node (loopback) traffic and overlap can
+be measured).
 
+* :func:`run_distributed`, :func:`report_progress`, :class:`RankFailed`, :class:`RanksTimedOut` — run a
+  function on N forked loopback ranks and get their values, or the first failing rank's traceback;
+  timeouts, progress and reaping for every start method (:mod:`~fsmoe.cluster.ranks`).
 * :class:`EmulatedClusterSpec`, :func:`parse_rate` — what to build (pure; :mod:`~fsmoe.cluster.spec`).
 * :class:`EmulatedCluster` — context manager: builds the namespaces, ``launch(argv)`` runs a command as
   every rank with torchrun's variables, ``run_function(fn, *args)`` runs a function on every rank;
@@ -15,14 +19,13 @@ really slower than intra-node (loopback) traffic and overlap can be measured.
 from fsmoe.cluster.launcher import (
     ClusterUnavailable,
     EmulatedCluster,
-    LaunchOutcome,
     LocalCluster,
-    RankFailed,
-    RanksTimedOut,
     launch_on_cluster,
     open_cluster,
+    run_distributed,
 )
 from fsmoe.cluster.netns import ClusterSetupError, Topology, check_privileges, cleanup_stale, list_namespaces
+from fsmoe.cluster.ranks import LaunchOutcome, RankFailed, RanksTimedOut, report_progress
 from fsmoe.cluster.spec import EmulatedClusterSpec, TbfParams, format_rate, parse_rate
 
 __all__ = [
@@ -43,4 +46,6 @@ __all__ = [
     "list_namespaces",
     "open_cluster",
     "parse_rate",
+    "report_progress",
+    "run_distributed",
 ]

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from fsmoe.cluster.ranks import pid_alive
 from fsmoe.cluster.spec import TbfParams
 
 PREFIX = "fsmoe-"
@@ -143,22 +144,6 @@ def namespace_pids(ns: str) -> list[int]:
     return [int(tok) for tok in proc.stdout.split() if tok.isdigit()]
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (a killed child its parent has not reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
 def kill_namespace_processes(ns: str) -> list[int]:
     """SIGKILL every process inside our namespace ``ns`` and wait (bounded) until they are gone."""
     if _NAME_RE.match(ns) is None:
@@ -170,7 +155,7 @@ def kill_namespace_processes(ns: str) -> list[int]:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + _KILL_WAIT_S
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     return pids
 
@@ -196,7 +181,7 @@ def cleanup_stale() -> list[str]:
     exists. Namespaces of live runs are left alone (if the pid was reused, the leftover stays until
     that process ends). Returns the removed names."""
     stale = [
-        ns for ns in list_namespaces() if (m := _NAME_RE.match(ns)) is not None and not _alive(int(m.group("pid")))
+        ns for ns in list_namespaces() if (m := _NAME_RE.match(ns)) is not None and not pid_alive(int(m.group("pid")))
     ]
     destroy_namespaces(stale)
     return stale

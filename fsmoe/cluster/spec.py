@@ -11,6 +11,7 @@ propagation delay and no loss model):
 * ``latency_ms`` is tbf's *queue* bound (how long a packet may wait in the shaper before it is
   dropped), not a delay added to every packet. Below ~50 ms large messages see drops and TCP
   retransmits, so 50 ms is the default and the floor we recommend.
+* rates are written in tc's units and read by :func:`fsmoe.config.parse_rate` (re-exported here).
 * what gloo gets out of a link (measured with ``benchmarks/cluster_links.py``): one direction alone
   ~95% of the rate; an AlltoAll, which sends both ways at once over one TCP connection per rank pair,
   between ~50% and ~95% per direction (samples switch between the two regimes; plain TCP over one
@@ -23,46 +24,15 @@ propagation delay and no loss model):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-UNSHAPED_WORDS = ("unshaped", "none", "off")
-# tc's decimal bit units; tc's "bps" units are *bytes* per second, a classic mix-up, so they are refused.
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
+from fsmoe.config import UNSHAPED_WORDS, format_rate, parse_rate
+
+__all__ = ["MAX_NODES", "UNSHAPED_WORDS", "EmulatedClusterSpec", "TbfParams", "format_rate", "parse_rate"]
+
 _MIN_BURST_BYTES = 64 * 1024
 _BURST_SECONDS = 0.001
 MAX_NODES = 250  # node n gets host address n + 1 in a /24
-
-
-def parse_rate(text: str) -> int | None:
-    """``"1gbit"`` -> 1_000_000_000 (bits/s); ``"unshaped"`` / ``"none"`` / ``"off"`` -> None.
-
-    Units are tc's decimal bit units: ``bit``, ``kbit``, ``mbit``, ``gbit``, ``tbit``; a bare number
-    is bits/s. Raises ``ValueError`` naming the accepted forms."""
-    if text.strip().lower() in UNSHAPED_WORDS:
-        return None
-    m = _RATE_RE.match(text.lower())
-    if m is None or m.group(2) not in ("", *_RATE_UNITS):
-        hint = " (tc's 'bps' units are bytes/s; write e.g. '800mbit')" if text.lower().endswith("bps") else ""
-        raise ValueError(
-            f"cannot read link rate {text!r}{hint}: expected a number with one of the units "
-            f"{', '.join(_RATE_UNITS)} (e.g. '1gbit', '200mbit'), or one of {', '.join(UNSHAPED_WORDS)}"
-        )
-    bits = float(m.group(1)) * _RATE_UNITS[m.group(2) or "bit"]
-    if bits < 8_000:
-        raise ValueError(f"link rate {text!r} is below 8kbit/s; nothing useful runs over that")
-    return int(bits)
-
-
-def format_rate(bits_per_s: int | None) -> str:
-    """The inverse of :func:`parse_rate` for display: 1_000_000_000 -> ``"1gbit"``."""
-    if bits_per_s is None:
-        return "unshaped"
-    for unit, scale in sorted(_RATE_UNITS.items(), key=lambda kv: -kv[1]):
-        if bits_per_s >= scale and bits_per_s % (scale // 1000 or 1) == 0:
-            return f"{bits_per_s / scale:g}{unit}"
-    return f"{bits_per_s}bit"
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,6 @@
-"""Models built from the MoE layer: a GPT-2 style byte-level language model."""
+"""Models built from the MoE layer: a GPT-2 style byte-level language model (its sizes and presets are
+:class:`fsmoe.config.ModelConfig` and :data:`fsmoe.config.MODEL_PRESETS`)."""
 
-from fsmoe.models.gpt_moe import (
-    MLP,
-    MODEL_PRESETS,
-    Block,
-    CausalSelfAttention,
-    GPTMoE,
-    GPTMoEConfig,
-    ModelOutput,
-    gpt2_moe_small,
-    gpt2_moe_tiny,
-    model_preset,
-)
+from fsmoe.models.gpt_moe import MLP, Block, CausalSelfAttention, GPTMoE, ModelOutput
 
-__all__ = [
-    "MLP", "MODEL_PRESETS", "Block", "CausalSelfAttention", "GPTMoE", "GPTMoEConfig", "ModelOutput",
-    "gpt2_moe_small", "gpt2_moe_tiny", "model_preset",
-]
+__all__ = ["MLP", "Block", "CausalSelfAttention", "GPTMoE", "ModelOutput"]

@@ -14,86 +14,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmoe.moe.config import MoEConfig
+from fsmoe.config import ModelConfig
 from fsmoe.moe.layer import MoELayer, MoEStats
 
 INIT_STD = 0.02  # GPT-2's initialiser scale for the dense weights
-
-
-@dataclass(kw_only=True, frozen=True)
-class GPTMoEConfig:
-    """Shape of the model. ``moe`` configures every MoE layer; ``d_ff`` is the dense MLPs' hidden size.
-
-    ``moe_every > n_layers`` gives a purely dense model (a baseline with the same code path).
-    """
-
-    vocab_size: int = 256
-    seq_len: int = 128
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 512
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    moe_every: int = 2
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "moe_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def is_moe_layer(self, i: int) -> bool:
-        """Whether block ``i`` (0-based) uses an MoE layer instead of the dense MLP."""
-        return (i + 1) % self.moe_every == 0
-
-    @property
-    def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
-
-
-def gpt2_moe_tiny() -> GPTMoEConfig:
-    """About 1.1M parameters. ``make run`` (1000 steps of 16×128 bytes) takes it from ~5.5 to ~1.6 nats
-    per byte in about two and a half minutes on two otherwise idle CPU cores.
-
-    Each expert's hidden size is half the dense MLP's, so with top-2 routing an MoE layer does about
-    the same FLOPs per token as the dense MLP it replaces.
-    """
-    return GPTMoEConfig(
-        seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=512,
-        moe=MoEConfig(num_experts=4, top_k=2, d_hidden=256, capacity_factor=1.25),
-    )
-
-
-def gpt2_moe_small() -> GPTMoEConfig:
-    """GPT-2 small's dense dimensions (12 layers, D=768, 12 heads, L=1024) with 8 experts, top-2, in
-    every second block: about 284M parameters. Sized for a GPU."""
-    return GPTMoEConfig(
-        seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-        moe=MoEConfig(num_experts=8, top_k=2, d_hidden=3072, capacity_factor=1.25),
-    )
-
-
-MODEL_PRESETS = {"tiny": gpt2_moe_tiny, "small": gpt2_moe_small}
-
-
-def model_preset(name: str) -> GPTMoEConfig:
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    return MODEL_PRESETS[name]()
 
 
 @dataclass(frozen=True)
@@ -166,7 +97,7 @@ class _OnBackward(torch.autograd.Function):
 class Block(nn.Module):
     """Pre-LN transformer block; ``mlp`` is either :class:`MLP` or :class:`MoELayer`."""
 
-    def __init__(self, cfg: GPTMoEConfig, moe: bool) -> None:
+    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
         super().__init__()
         # GPT-2: residual-path output projections scaled by 1/sqrt(2·n_layers) so the residual stream's
         # variance does not grow with depth. MoE experts keep their own initialisation.
@@ -196,7 +127,7 @@ class Block(nn.Module):
 class GPTMoE(nn.Module):
     """``forward(idx_BL, targets=None) -> ModelOutput``; idx and targets are byte ids of shape (B, L)."""
 
-    def __init__(self, cfg: GPTMoEConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)

@@ -6,17 +6,22 @@ Weights are stored per expert with H as an explicit axis (``w1_eDH``, ``w2_eHD``
 sharding (ESP) keeps a slice of H on each rank: the first GEMM is column-parallel, the second
 row-parallel, and the partial outputs are summed across the shard group. The output bias is then
 added by one shard only (``owns_output_bias``).
+
+This module owns the expert networks: each one's math written once (``_forward``), used by the
+autograd ``forward`` and by ``forward_saving`` / ``backward_saved``, the manual pair that the
+pipelined block runs chunk by chunk.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmoe.moe.config import EXPERT_NAMES
+from fsmoe.config import EXPERT_NAMES
 
 
 def shard_index(param_name: str, shard_shape: torch.Size, expert_offset: int, hidden_offset: int) -> tuple[slice, ...]:
@@ -30,25 +35,45 @@ def shard_index(param_name: str, shard_shape: torch.Size, expert_offset: int, hi
 
 
 class Experts(nn.Module):
-    """Base: ``forward(x_eCD) -> y_eCD``; ``num_local`` experts of hidden slice ``d_hidden``."""
+    """Base: ``forward(x_eCD) -> y_eCD``; ``num_local`` experts of hidden slice ``d_hidden``.
 
-    def __init__(self, num_local: int, d_model: int, d_hidden: int) -> None:
+    ``fan_in_hidden`` is the full (unsharded) H that initialises the second GEMM, so every ESP shard
+    draws from the same distribution as the unsharded expert (default: ``d_hidden``);
+    ``owns_output_bias``: whether this shard adds the output bias (one shard of each ESP group does)."""
+
+    def __init__(
+        self, num_local: int, d_model: int, d_hidden: int, *, fan_in_hidden: int | None = None,
+        owns_output_bias: bool = True,
+    ) -> None:
         super().__init__()
         self.num_local = num_local
         self.d_model = d_model
         self.d_hidden = d_hidden
+        self.fan_in_hidden = fan_in_hidden or d_hidden
+        self.owns_output_bias = owns_output_bias
 
-    # --- manual forward/backward, for the pipelined block whose backward re-chunks the slots -------------
-    # ``forward_saving`` returns the output and the per-slot tensors backward needs, each (e, N, *);
-    # ``backward_saved`` takes the output gradient and those tensors for any subset of the slots and
-    # returns the input gradient and one new gradient tensor per parameter (in ``parameters()`` order; the
-    # caller sums chunks into them in place). The base versions keep only the input and recompute under
-    # autograd, so any expert module works; the built-in experts override them to save pre-activations
-    # and apply the exact derivatives.
+    # --- the math, once, and the manual backward of the pipelined block ---------------------------------
+    # ``_forward`` is an expert's math written once: the output and the per-slot tensors its backward
+    # needs, each (e, N, *). ``forward`` keeps the output (autograd saves what it needs itself);
+    # ``forward_saving`` runs it without autograd and keeps both, for the pipelined block whose backward
+    # re-chunks the slots. ``backward_saved`` takes the output gradient and those tensors for any subset
+    # of the slots and returns the input gradient and one new gradient tensor per parameter (in
+    # ``parameters()`` order; the caller sums chunks into them in place). A subclass overrides either
+    # ``forward`` (then the base ``_forward`` saves only the input and ``backward_saved`` recomputes
+    # under autograd, so any expert module works) or ``_forward`` and ``backward_saved`` (the built-in
+    # experts: they save pre-activations and apply the exact derivatives).
 
+    def _forward(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        if type(self).forward is Experts.forward:
+            raise NotImplementedError(f"{type(self).__name__} must override forward or _forward")
+        return self(x_eND), (x_eND,)
+
+    def forward(self, x_eCD: Tensor) -> Tensor:
+        return self._forward(x_eCD)[0]
+
+    @torch.no_grad()
     def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        with torch.no_grad():
-            return self(x_eND), (x_eND,)
+        return self._forward(x_eND)
 
     def backward_saved(self, dy_eND: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
         params = list(self.parameters())
@@ -65,8 +90,10 @@ class Experts(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(getattr(full, name)[shard_index(name, p.shape, expert_offset, hidden_offset)])
 
-    def _param(self, *shape: int, fan_in: int) -> nn.Parameter:
-        w = torch.empty(*shape)
+    def _param(self, axes: str, fan_in: int) -> nn.Parameter:
+        """A parameter of the shape its suffix names (``"eDH"``: e × D × H), U(±1/√fan_in)."""
+        sizes = {"e": self.num_local, "D": self.d_model, "H": self.d_hidden}
+        w = torch.empty(*(sizes[a] for a in axes))
         nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         return nn.Parameter(w)
 
@@ -74,31 +101,21 @@ class Experts(nn.Module):
 class FFNExperts(Experts):
     """GPT-style expert: y = GELU(x·W1 + b1)·W2 + b2 (two GEMMs)."""
 
-    def __init__(
-        self, num_local: int, d_model: int, d_hidden: int, *, fan_in_hidden: int | None = None,
-        owns_output_bias: bool = True,
-    ) -> None:
-        super().__init__(num_local, d_model, d_hidden)
-        fan_h = fan_in_hidden or d_hidden
-        self.w1_eDH = self._param(num_local, d_model, d_hidden, fan_in=d_model)
-        self.b1_eH = self._param(num_local, d_hidden, fan_in=d_model)
-        self.w2_eHD = self._param(num_local, d_hidden, d_model, fan_in=fan_h)
-        self.b2_eD = self._param(num_local, d_model, fan_in=fan_h) if owns_output_bias else None
+    def __init__(self, num_local: int, d_model: int, d_hidden: int, **kw: Any) -> None:
+        super().__init__(num_local, d_model, d_hidden, **kw)  # keywords: see Experts
+        self.w1_eDH = self._param("eDH", fan_in=d_model)
+        self.b1_eH = self._param("eH", fan_in=d_model)
+        self.w2_eHD = self._param("eHD", fan_in=self.fan_in_hidden)
+        self.b2_eD = self._param("eD", fan_in=self.fan_in_hidden) if self.owns_output_bias else None
 
-    def forward(self, x_eCD: Tensor) -> Tensor:
-        h_eCH = F.gelu(torch.baddbmm(self.b1_eH.unsqueeze(1), x_eCD, self.w1_eDH))
-        if self.b2_eD is None:
-            return torch.bmm(h_eCH, self.w2_eHD)
-        return torch.baddbmm(self.b2_eD.unsqueeze(1), h_eCH, self.w2_eHD)
-
-    @torch.no_grad()
-    def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _forward(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         pre_eNH = torch.baddbmm(self.b1_eH.unsqueeze(1), x_eND, self.w1_eDH)
         h_eNH = F.gelu(pre_eNH)
-        y = torch.bmm(h_eNH, self.w2_eHD) if self.b2_eD is None else torch.baddbmm(
-            self.b2_eD.unsqueeze(1), h_eNH, self.w2_eHD
-        )
-        return y, (x_eND, pre_eNH)
+        if self.b2_eD is None:
+            y_eND = torch.bmm(h_eNH, self.w2_eHD)
+        else:
+            y_eND = torch.baddbmm(self.b2_eD.unsqueeze(1), h_eNH, self.w2_eHD)
+        return y_eND, (x_eND, pre_eNH)
 
     @torch.no_grad()
     def backward_saved(self, dy_eND: Tensor, saved: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
@@ -118,22 +135,13 @@ class FFNExperts(Experts):
 class SwiGLUExperts(Experts):
     """Mixtral-style expert: y = (SiLU(x·W1) ⊙ x·W3)·W2 (three GEMMs, no biases)."""
 
-    def __init__(
-        self, num_local: int, d_model: int, d_hidden: int, *, fan_in_hidden: int | None = None,
-        owns_output_bias: bool = True,
-    ) -> None:
-        super().__init__(num_local, d_model, d_hidden)
-        fan_h = fan_in_hidden or d_hidden
-        self.w1_eDH = self._param(num_local, d_model, d_hidden, fan_in=d_model)
-        self.w3_eDH = self._param(num_local, d_model, d_hidden, fan_in=d_model)
-        self.w2_eHD = self._param(num_local, d_hidden, d_model, fan_in=fan_h)
+    def __init__(self, num_local: int, d_model: int, d_hidden: int, **kw: Any) -> None:
+        super().__init__(num_local, d_model, d_hidden, **kw)  # keywords: see Experts; no bias to own
+        self.w1_eDH = self._param("eDH", fan_in=d_model)
+        self.w3_eDH = self._param("eDH", fan_in=d_model)
+        self.w2_eHD = self._param("eHD", fan_in=self.fan_in_hidden)
 
-    def forward(self, x_eCD: Tensor) -> Tensor:
-        h_eCH = F.silu(torch.bmm(x_eCD, self.w1_eDH)) * torch.bmm(x_eCD, self.w3_eDH)
-        return torch.bmm(h_eCH, self.w2_eHD)
-
-    @torch.no_grad()
-    def forward_saving(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _forward(self, x_eND: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         g_eNH, u_eNH = torch.bmm(x_eND, self.w1_eDH), torch.bmm(x_eND, self.w3_eDH)
         return torch.bmm(F.silu(g_eNH) * u_eNH, self.w2_eHD), (x_eND, g_eNH, u_eNH)
 
@@ -156,7 +164,8 @@ EXPERTS: dict[str, type[Experts]] = {"ffn": FFNExperts, "swiglu": SwiGLUExperts}
 assert tuple(EXPERTS) == EXPERT_NAMES
 
 
-def build_experts(name: str, num_local: int, d_model: int, d_hidden: int, **kwargs: object) -> Experts:
+def build_experts(name: str, num_local: int, d_model: int, d_hidden: int, **kwargs: Any) -> Experts:
+    """The experts ``name``; keywords ``fan_in_hidden`` and ``owns_output_bias`` (see :class:`Experts`)."""
     if name not in EXPERTS:
         raise ValueError(f"unknown expert {name!r}; choose one of {', '.join(EXPERTS)}")
-    return EXPERTS[name](num_local, d_model, d_hidden, **kwargs)  # type: ignore[arg-type]
+    return EXPERTS[name](num_local, d_model, d_hidden, **kwargs)

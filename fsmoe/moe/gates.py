@@ -11,6 +11,9 @@ its slots are dense mixes of all tokens, carried in :class:`SoftAssignment`.
 
 Gates are pure tensor → tensor except where a data-dependent size is unavoidable
 (``capacity_factor=None``), which lives in the named method :meth:`TopKGate.max_load`.
+
+This module owns the gates, the :class:`Routing` record and the capacity arithmetic: every C is clamped
+and rounded by :func:`fit_capacity` (the gates' C here, the layer's agreed and padded C in ``layer``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmoe.moe.config import GATE_NAMES, MoEConfig
+from fsmoe.config import GATE_NAMES, MoEConfig, round_up
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class SoftAssignment:
     combine_TES: Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Routing:
     """What a gate decided for one routing group of ``num_tokens`` tokens.
 
@@ -59,15 +62,23 @@ class Routing:
         return self.token_EC.shape[0]
 
 
+def fit_capacity(capacity: int, *, minimum: int = 0, maximum: int | None = None, multiple: int = 1) -> int:
+    """The one place C is clamped and rounded: ``capacity`` raised to ``minimum`` (and to 1), lowered to
+    ``maximum`` if given, then rounded up to a multiple of ``multiple``. The rounding may pass
+    ``maximum``; the extra slots stay empty (no token, weight 0), so no output changes."""
+    c = max(capacity, minimum, 1)
+    if maximum is not None:
+        c = min(c, max(maximum, 1))
+    return round_up(c, multiple)
+
+
 def capacity_for(num_tokens: int, num_experts: int, top_k: int, cfg: MoEConfig) -> int:
     """C = ceil(k·f·T/E) (paper §2.1), at least ``min_capacity``, at most T (a top-k token picks an
     expert at most once), rounded up to a multiple of ``capacity_multiple``."""
     assert cfg.capacity_factor is not None
     # Exact decimal arithmetic: in floats 1.1 * 100 / 2 rounds up to 56 instead of 55.
     c = math.ceil(top_k * Fraction(str(cfg.capacity_factor)) * num_tokens / num_experts)
-    c = min(max(c, cfg.min_capacity, 1), max(num_tokens, 1))
-    m = cfg.capacity_multiple
-    return -(-c // m) * m
+    return fit_capacity(c, minimum=cfg.min_capacity, maximum=num_tokens, multiple=cfg.capacity_multiple)
 
 
 def assign_slots(
@@ -204,15 +215,19 @@ class TopKGate(Gate):
         expert_TK = top_k_lowest_index(scores_TE.detach(), K)
         weight_TK = scores_TE.gather(1, expert_TK)
         if self.cfg.capacity_factor is None:
-            m = self.cfg.capacity_multiple
-            capacity = -(-max(self.max_load(expert_TK), self.cfg.min_capacity, 1) // m) * m
+            capacity = fit_capacity(
+                self.max_load(expert_TK), minimum=self.cfg.min_capacity, multiple=self.cfg.capacity_multiple
+            )
         else:
             capacity = capacity_for(T, E, K, self.cfg)
         token_EC, weight_EC, dropped = assign_slots(
             expert_TK, weight_TK, E, capacity, self.cfg.drop_policy, self.cfg.renormalize
         )
         aux = self.cfg.aux_loss_coef * self.aux(logits_TE, scores_TE, expert_TK) + self._zloss(logits_TE)
-        return Routing(logits_TE, token_EC, weight_EC, capacity, T, aux, dropped, T * K)
+        return Routing(
+            logits_TE=logits_TE, token_EC=token_EC, weight_EC=weight_EC, capacity=capacity, num_tokens=T,
+            aux_loss=aux, num_dropped=dropped, num_assignments=T * K,
+        )
 
 
 class SwitchGate(TopKGate):
@@ -266,7 +281,10 @@ class ExpertChoiceGate(Gate):
         picked_T = torch.zeros(T + 1, dtype=torch.bool, device=logits_TE.device)
         picked_T[token_EC.reshape(-1)] = True
         unpicked = (~picked_T[:T]).sum()
-        return Routing(logits_TE, token_EC, weight_EC, capacity, T, self._zloss(logits_TE), unpicked, T)
+        return Routing(
+            logits_TE=logits_TE, token_EC=token_EC, weight_EC=weight_EC, capacity=capacity, num_tokens=T,
+            aux_loss=self._zloss(logits_TE), num_dropped=unpicked, num_assignments=T,
+        )
 
 
 class SoftMoEGate(Gate):
@@ -289,9 +307,11 @@ class SoftMoEGate(Gate):
         combine_TES = torch.softmax(logits_TN, dim=1).view(T, E, S)
         token_EC = torch.full((E, S), T, dtype=torch.long, device=logits_TN.device)
         no_drops = torch.zeros((), dtype=torch.long, device=logits_TN.device)
-        soft = SoftAssignment(dispatch_TES, combine_TES)
-        aux = self._zloss(logits_TN)
-        return Routing(logits_TN, token_EC, logits_TN.new_zeros(E, S), S, T, aux, no_drops, T, soft=soft)
+        return Routing(
+            logits_TE=logits_TN, token_EC=token_EC, weight_EC=logits_TN.new_zeros(E, S), capacity=S, num_tokens=T,
+            aux_loss=self._zloss(logits_TN), num_dropped=no_drops, num_assignments=T,
+            soft=SoftAssignment(dispatch_TES, combine_TES),
+        )
 
 
 GATES: dict[str, type[Gate]] = {

@@ -2,32 +2,32 @@
 
 Legend: T tokens, D model dim, E experts, e local experts, C capacity slots.
 
-Each part is passed to the constructor and can be swapped; :meth:`MoELayer.from_config` builds the
-standard parts from a :class:`MoEConfig`. The aux loss reaches the trainer through ``last_stats``, a
-frozen record set by each forward on the layer itself (no global state).
+This module owns the layer's data flow and the capacity padding. Each part is passed to the
+constructor and can be swapped; :meth:`MoELayer.from_config` builds the standard parts from a
+:class:`MoEConfig`. Dispatch → experts → combine is the layer's *expert block* (``expert_block``,
+:class:`~fsmoe.moe.block.ExpertBlock` by default), which distribution code swaps from outside, e.g. for
+the pipelined block. The aux loss reaches the trainer through ``last_stats``, a frozen record set by
+each forward on the layer itself (no global state).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmoe.moe.config import MoEConfig
+from fsmoe.config import MoEConfig
+from fsmoe.moe.block import ExpertBlock
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import Experts, build_experts
-from fsmoe.moe.gates import Gate, Routing, SoftAssignment, build_gate
-from fsmoe.moe.hooks import MoEHook
+from fsmoe.moe.gates import Gate, Routing, SoftAssignment, build_gate, fit_capacity
+from fsmoe.moe.hooks import HookChain, MoEHook
 from fsmoe.moe.order import Order, build_order
 
-if TYPE_CHECKING:
-    from fsmoe.schedule.pipelined import Pipeline
 
-
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class MoEStats:
     """Per-forward statistics of one MoE layer."""
 
@@ -63,7 +63,10 @@ def pad_capacity(routing: Routing, agree: Callable[[int], int]) -> Routing:
 
 
 class MoELayer(nn.Module):
-    """``forward(x) -> y`` for x of shape (..., D); all tokens form one routing group."""
+    """``forward(x) -> y`` for x of shape (..., D); all tokens form one routing group.
+
+    ``expert_block`` runs dispatch → experts → combine: the default :class:`ExpertBlock`, or one that
+    distribution code swaps in from outside (:func:`fsmoe.parallel.parallelize.apply_pipeline`)."""
 
     def __init__(
         self,
@@ -80,7 +83,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else Dispatcher()
         self.hooks = list(hooks)
         self.d_model = gate.d_model
-        self.pipeline: Pipeline | None = None  # set to pipeline the dispatch → expert → combine block
+        self.expert_block: ExpertBlock = ExpertBlock()
         self.last_stats: MoEStats | None = None
         self.last_routing: Routing | None = None
 
@@ -116,46 +119,20 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoE input is an empty batch (shape {tuple(x.shape)}); need at least one token")
 
     def _agree_capacity(self, capacity: int) -> int:
-        c = self.dispatcher.agree_capacity(capacity)
-        m = 1 if self.pipeline is None else self.pipeline.capacity_multiple
-        return -(-c // m) * m
-
-    def _experts_block(self, x_ECD: Tensor) -> Tensor:
-        """Dispatch → (ESP AllGather) → experts → (ESP ReduceScatter) → combine, pipelined if asked."""
-        if self.pipeline is not None:
-            inner = [h for h in self.hooks if type(h).after_dispatch is not MoEHook.after_dispatch
-                     or type(h).before_combine is not MoEHook.before_combine]
-            if inner:
-                raise ValueError(
-                    f"after_dispatch/before_combine hooks ({', '.join(type(h).__name__ for h in inner)}) run per "
-                    "chunk inside the pipelined block, which does not support them yet; remove the pipeline or the hook"
-                )
-            from fsmoe.schedule.pipelined import pipelined_experts  # the schedule package builds on this one
-
-            return pipelined_experts(x_ECD, self.pipeline, self.dispatcher, self.experts)
-        x_eCD = self.dispatcher.dispatch(x_ECD)
-        for h in self.hooks:
-            x_eCD = h.after_dispatch(self, x_eCD)
-        y_eCD = self.experts(x_eCD)
-        for h in self.hooks:
-            y_eCD = h.before_combine(self, y_eCD)
-        return self.dispatcher.combine(y_eCD)
+        """The capacity every rank that exchanges slots with this one uses, padded to what the expert
+        block asks (a multiple of its ``capacity_multiple``)."""
+        return fit_capacity(self.dispatcher.agree_capacity(capacity), multiple=self.expert_block.capacity_multiple)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        x_TD = x.reshape(-1, self.d_model)
-        for h in self.hooks:
-            x_TD = h.before_moe_start(self, x_TD)
+        hooks = HookChain(layer=self, hooks=tuple(self.hooks))
+        x_TD = hooks("before_moe_start", x.reshape(-1, self.d_model))
         routing = pad_capacity(self.gate(x_TD), self._agree_capacity)
-        x_ECD = self.order.order(x_TD, routing)
-        for h in self.hooks:
-            x_ECD = h.before_dispatch(self, x_ECD)
-        y_ECD = self._experts_block(x_ECD)
-        for h in self.hooks:
-            y_ECD = h.after_combine(self, y_ECD)
-        y_TD = self.order.iorder(y_ECD, routing)
-        for h in self.hooks:
-            y_TD = h.before_moe_end(self, y_TD)
+        x_ECD = hooks("before_dispatch", self.order.order(x_TD, routing))
+        y_ECD = hooks("after_combine", self.expert_block(x_ECD, self.dispatcher, self.experts, hooks))
+        y_TD = hooks("before_moe_end", self.order.iorder(y_ECD, routing))
         self.last_routing = routing
-        self.last_stats = MoEStats(routing.aux_loss, routing.num_dropped, routing.num_assignments)
+        self.last_stats = MoEStats(
+            aux_loss=routing.aux_loss, num_dropped=routing.num_dropped, num_assignments=routing.num_assignments
+        )
         return y_TD.view(x.shape)

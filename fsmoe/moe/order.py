@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fsmoe.moe.config import ORDER_NAMES
+from fsmoe.config import ORDER_NAMES
 from fsmoe.moe.gates import Routing
 
 

@@ -1,19 +1,13 @@
-"""Distributed layer: parallel degrees and process groups (``dims``), autograd collectives (``comm``)."""
+"""Distribution, applied to the single-device MoE model from outside.
 
-from fsmoe.parallel.comm import (
-    all_gather,
-    all_gather_into,
-    all_reduce_,
-    all_to_all,
-    all_to_all_into,
-    copy_to_mp,
-    exchange_split_sizes,
-    gather_from_sp,
-    reduce_from_mp,
-    reduce_scatter,
-    reduce_scatter_into,
-    scatter_to_sp,
-)
+``dims`` (parallel degrees → process groups), ``comm`` (collectives: raw async calls and autograd
+wrappers, imported from :mod:`fsmoe.parallel.comm`), ``dispatch`` (the a2a / 2dh / 1dh dispatchers
+and ESP), ``tensor_parallel`` (MP attention), ``grad_sync`` / ``grad_plan`` (dense Gradient-AllReduce
+after or inside backward), ``parallelize`` (applies shards, dispatchers, pipelines and gradient plans
+to a model). May import :mod:`fsmoe.moe` and :mod:`fsmoe.schedule`; neither imports this package.
+"""
+
+from fsmoe.parallel import comm
 from fsmoe.parallel.dims import (
     GROUP_KINDS,
     GroupKind,
@@ -23,25 +17,27 @@ from fsmoe.parallel.dims import (
     build_groups,
     config_hash_check,
 )
+from fsmoe.parallel.dispatch import DISPATCHERS, AllToAllDispatcher, OneDHDispatcher, TwoDHDispatcher, build_dispatcher
+from fsmoe.parallel.grad_plan import GradientPlan, PlannedGradSync, greedy_plan, parse_plan
+from fsmoe.parallel.grad_sync import GradSync, mark_replicas
+from fsmoe.parallel.parallelize import (
+    RoutingGrid,
+    apply_pipeline,
+    attach_gradient_plan,
+    gpt_gradient_stream,
+    moe_layers,
+    parallelize_gpt,
+    pipeline_of,
+    reference_grid,
+    remove_pipeline,
+    shard_moe_layer,
+)
+from fsmoe.parallel.tensor_parallel import TensorParallelAttention
 
 __all__ = [
-    "GROUP_KINDS",
-    "GroupKind",
-    "ParallelDims",
-    "ProcessGroups",
-    "RankCoords",
-    "all_gather",
-    "all_gather_into",
-    "all_reduce_",
-    "all_to_all",
-    "all_to_all_into",
-    "build_groups",
-    "config_hash_check",
-    "copy_to_mp",
-    "exchange_split_sizes",
-    "gather_from_sp",
-    "reduce_from_mp",
-    "reduce_scatter",
-    "reduce_scatter_into",
-    "scatter_to_sp",
+    "DISPATCHERS", "GROUP_KINDS", "AllToAllDispatcher", "GradSync", "GradientPlan", "GroupKind", "OneDHDispatcher",
+    "ParallelDims", "PlannedGradSync", "ProcessGroups", "RankCoords", "RoutingGrid", "TensorParallelAttention",
+    "TwoDHDispatcher", "apply_pipeline", "attach_gradient_plan", "build_dispatcher", "build_groups", "comm",
+    "config_hash_check", "gpt_gradient_stream", "greedy_plan", "mark_replicas", "moe_layers", "parallelize_gpt",
+    "parse_plan", "pipeline_of", "reference_grid", "remove_pipeline", "shard_moe_layer",
 ]

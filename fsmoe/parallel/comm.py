@@ -28,6 +28,9 @@ Raw calls (no autograd; the output is preallocated; ``async_op=True`` returns a 
 ``wait()`` completes the call): ``all_to_all_into``, ``all_gather_into``, ``reduce_scatter_into``,
 ``all_reduce_``. A scheduler issues these on its channels' groups and waits on the handles.
 ``exchange_split_sizes`` is the one synchronising count exchange that unequal all-to-alls need.
+
+This module owns every collective of the package; version and backend differences of torch.distributed
+live here only.
 """
 
 from __future__ import annotations
@@ -179,73 +182,45 @@ def _check_divisible(x: Tensor, dim: int, n: int, what: str) -> None:
 
 
 # --- autograd functions --------------------------------------------------------------------------------
+# Every collective's Function has the same form: forward y = op(x, group, *args), backward
+# dx = adjoint(dy, group, *args), ``ctx`` keeping only (group, *args). ``_collective`` writes that form
+# once; each collective is one named Function made from its op and its adjoint.
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, group: Group, out_splits: tuple[int, ...] | None, in_splits: tuple[int, ...] | None
-    ) -> Tensor:
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        return _all_to_all(x, group, out_splits, in_splits)
+def _collective(name: str, op: Callable[..., Tensor], adjoint: Callable[..., Tensor]) -> type[torch.autograd.Function]:
+    def forward(ctx: Any, x: Tensor, group: Group, *args: Any) -> Tensor:
+        ctx.group, ctx.args = group, args
+        return op(x, group, *args)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return _all_to_all(grad, ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (adjoint(grad, ctx.group, *ctx.args), None, *(None for _ in ctx.args))
 
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Group, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    fn.__doc__ = f"forward: {op.__name__}; backward (adjoint): {adjoint.__name__}"
+    return fn
 
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Group, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _gather(grad, ctx.group, ctx.dim), None, None
+def _all_to_all_adjoint(
+    grad: Tensor, group: Group, out_splits: tuple[int, ...] | None, in_splits: tuple[int, ...] | None
+) -> Tensor:
+    return _all_to_all(grad, group, in_splits, out_splits)  # the same exchange with the splits swapped
 
 
-class _CopyToMP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Group) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
+def _identity(x: Tensor, group: Group) -> Tensor:
+    return x.view_as(x)  # a new autograd node on the same data
 
 
-class _ReduceFromMP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Group) -> Tensor:
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+_AllToAll = _collective("_AllToAll", _all_to_all, _all_to_all_adjoint)
+_AllGather = _collective("_AllGather", _gather, _reduce_scatter)
+_ReduceScatter = _collective("_ReduceScatter", _reduce_scatter, _gather)
+_CopyToMP = _collective("_CopyToMP", _identity, _all_reduce)
+_ReduceFromMP = _collective("_ReduceFromMP", _all_reduce, _identity)
+_ScatterToSP = _collective("_ScatterToSP", _split, _gather)
 
 
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Group, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _gather(grad, ctx.group, ctx.dim), None, None
+def _apply(fn: type[torch.autograd.Function], x: Tensor, group: Group, *args: Any) -> Tensor:
+    """``fn`` over ``group``; a group of one rank has nothing to exchange, so ``x`` itself."""
+    return x if dist.get_world_size(group) == 1 else fn.apply(x, group, *args)
 
 
 # --- wrappers --------------------------------------------------------------------------------------------
@@ -279,53 +254,45 @@ def all_to_all(
             raise ValueError(
                 f"all_to_all: input_split_sizes {list(in_splits)} must be >= 0 and sum to {x.shape[0]} rows"
             )
-    if n == 1:
-        return x
-    return _AllToAll.apply(x, group, out_splits, in_splits)
+    return _apply(_AllToAll, x, group, out_splits, in_splits)
 
 
 def all_gather(x: Tensor, group: Group = None, dim: int = 0) -> Tensor:
     """All-gather along ``dim``: x (.., s, ..) -> y (.., N·s, ..) = cat over ranks in rank order.
     Adjoint: reduce_scatter (sum) of the gradient along ``dim``."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _AllGather.apply(x, group, dim)
+    return _apply(_AllGather, x, group, dim)
 
 
 def reduce_scatter(x: Tensor, group: Group = None, dim: int = 0) -> Tensor:
     """Reduce-scatter along ``dim``: x (.., s, ..) -> y (.., s/N, ..) = chunk r of the sum over ranks.
     Adjoint: all_gather of the gradient along ``dim``."""
-    n = dist.get_world_size(group)
-    _check_divisible(x, dim, n, "reduce_scatter")
-    if n == 1:
-        return x
-    return _ReduceScatter.apply(x, group, dim)
+    _check_divisible(x, dim, dist.get_world_size(group), "reduce_scatter")
+    return _apply(_ReduceScatter, x, group, dim)
 
 
 def copy_to_mp(x: Tensor, group: Group = None) -> Tensor:
     """Megatron's f: identity forward on a replicated x; backward all-reduces (sums) the gradient."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _CopyToMP.apply(x, group)
+    return _apply(_CopyToMP, x, group)
 
 
 def reduce_from_mp(x: Tensor, group: Group = None) -> Tensor:
     """Megatron's g: forward all-reduces (sums) partial results; backward is the identity."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _ReduceFromMP.apply(x, group)
+    return _apply(_ReduceFromMP, x, group)
 
 
 def scatter_to_sp(x: Tensor, group: Group = None, dim: int = 0) -> Tensor:
     """Keep this rank's chunk of a replicated x: (.., s, ..) -> (.., s/N, ..), chunk r.
     Adjoint (for the replicated x): all_gather of the gradient along ``dim``."""
-    n = dist.get_world_size(group)
-    _check_divisible(x, dim, n, "scatter_to_sp")
-    if n == 1:
-        return x
-    return _ScatterToSP.apply(x, group, dim)
+    _check_divisible(x, dim, dist.get_world_size(group), "scatter_to_sp")
+    return _apply(_ScatterToSP, x, group, dim)
 
 
 gather_from_sp = all_gather
 """Sequence-parallel gather: :func:`all_gather` (backward reduce_scatter, for a consumer whose
 gradient differs per rank, e.g. a column-parallel linear)."""
+
+__all__ = [
+    "Group", "Work", "all_gather", "all_gather_into", "all_reduce_", "all_to_all", "all_to_all_into", "copy_to_mp",
+    "exchange_split_sizes", "gather_from_sp", "reduce_from_mp", "reduce_scatter", "reduce_scatter_into",
+    "scatter_to_sp",
+]

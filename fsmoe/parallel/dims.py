@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from fsmoe.config import ParallelConfig, check_layout
 from fsmoe.parallel.comm import all_gather_into
 
 GroupKind = Literal["mp", "dense_dp", "esp", "ep", "expert_dp"]
@@ -81,27 +82,21 @@ class ParallelDims:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ParallelDims: {name} must be an int >= 1, got {value!r}")
-        P, ppn = self.world_size, self.procs_per_node
-        if P % ppn:
-            raise ValueError(f"ParallelDims: procs_per_node={ppn} must divide world_size={P}")
-        if self.dp * self.mp != P:
+        if self.dp * self.mp != self.world_size:
             raise ValueError(
                 f"ParallelDims: dp*mp must equal world_size (dense layout), "
-                f"got dp={self.dp} * mp={self.mp} = {self.dp * self.mp} != world_size={P}"
+                f"got dp={self.dp} * mp={self.mp} = {self.dp * self.mp} != world_size={self.world_size}"
             )
-        for name in ("mp", "esp"):
-            size = getattr(self, name)
-            if ppn % size:
-                first = _first_crossing_group(size, ppn, P)
-                raise ValueError(
-                    f"ParallelDims: {name} groups are contiguous ranks inside one node, so {name}={size} "
-                    f"must divide procs_per_node={ppn}; group {first} would cross a node boundary"
-                )
-        if P % (self.ep * self.esp):
-            raise ValueError(
-                f"ParallelDims: ep*esp must divide world_size, "
-                f"got ep={self.ep} * esp={self.esp} = {self.ep * self.esp} and world_size={P}"
-            )
+        try:  # the layout rules live in one place, shared with the job config
+            check_layout(world_size=self.world_size, procs_per_node=self.procs_per_node, mp=self.mp, ep=self.ep,
+                         esp=self.esp)
+        except ValueError as e:
+            raise ValueError(f"ParallelDims: {e}") from None
+
+    @classmethod
+    def from_config(cls, par: ParallelConfig) -> ParallelDims:
+        """The layout of a job's :class:`~fsmoe.config.ParallelConfig` (dense data parallelism over world/mp)."""
+        return cls(world_size=par.nproc, procs_per_node=par.ppn, dp=par.dense_dp, mp=par.mp, ep=par.ep, esp=par.esp)
 
     @property
     def num_nodes(self) -> int:
@@ -166,14 +161,6 @@ class ParallelDims:
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside world_size={self.world_size}")
-
-
-def _first_crossing_group(size: int, ppn: int, world_size: int) -> list[int]:
-    for start in range(0, world_size, size):
-        group = list(range(start, min(start + size, world_size)))
-        if group[0] // ppn != group[-1] // ppn:
-            return group
-    return list(range(size))  # size > world: the one group is larger than a node
 
 
 @dataclass(frozen=True)

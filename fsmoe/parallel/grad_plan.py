@@ -11,6 +11,9 @@ A :class:`GradientPlan` carves the stream into consecutive ranges, each launched
 it leaves goes to ``tail``. A range is never launched before every gradient in it is ready — plans that
 would are refused with the offending slot and parameter. All ranges complete in :meth:`finish`, which
 divides by the world size, so the result equals the plain all-reduce of :class:`GradSync`.
+
+This module owns the stream, the plans and their runner; :func:`fsmoe.parallel.parallelize.attach_gradient_plan`
+wires the slots into a model (``moe:i`` becomes pipeline i's ``gar`` task).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fsmoe.parallel.dims import ProcessGroups
-from fsmoe.parallel.grad_sync import REPLICA_ATTR
+from fsmoe.parallel.grad_sync import REPLICA_ATTR, replica_group
 
 TAIL = "tail"
 
@@ -40,7 +43,7 @@ class GradientPlan:
                 raise ValueError(f"gradient plan: range at slot {slot!r} has negative size {nbytes}")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class StreamLayout:
     """The gradient stream: parameters in completion order with the slot each becomes ready at."""
 
@@ -101,10 +104,10 @@ class PlannedGradSync:
     layout: StreamLayout
     plan: GradientPlan
     groups: ProcessGroups | None
-    _by_slot: dict[str, list[list[_Piece]]] = field(default_factory=dict)
-    _launched: list[_Launched] = field(default_factory=list)
-    _fired: set[str] = field(default_factory=set)
-    history: list[tuple[str, int]] = field(default_factory=list)  # (slot, bytes) per launch, in order
+    _by_slot: dict[str, list[list[_Piece]]] = field(default_factory=dict, init=False)
+    _launched: list[_Launched] = field(default_factory=list, init=False)
+    _fired: set[str] = field(default_factory=set, init=False)
+    history: list[tuple[str, int]] = field(default_factory=list, init=False)  # (slot, bytes) per launch, in order
 
     def __post_init__(self) -> None:
         self.world = 1 if self.groups is None else self.groups.dims.world_size
@@ -146,13 +149,6 @@ class PlannedGradSync:
     def slots_used(self) -> list[str]:
         return [s for s in self._by_slot if s != TAIL]
 
-    def _group(self, kind: str) -> tuple[dist.ProcessGroup | None, int]:
-        if self.groups is None:
-            return None, 1
-        if kind == "world":
-            return None, self.world
-        return self.groups.group(kind), self.groups.size(kind)  # type: ignore[arg-type]
-
     @torch.no_grad()
     def fire(self, slot: str, wait: bool = False) -> None:
         """Launch the ranges of ``slot`` (each replica kind on its own group); ``wait`` blocks until
@@ -170,7 +166,7 @@ class PlannedGradSync:
                         pc.start : pc.stop]
                     for pc in kp
                 ])
-                group, size = self._group(kind)
+                group, size = replica_group(self.groups, kind)
                 self.history.append((slot, buf.numel() * buf.element_size()))
                 work = dist.all_reduce(buf, group=group, async_op=True) if size > 1 else None
                 if wait and work is not None:
@@ -233,5 +229,7 @@ def parse_plan(text: str, layout: StreamLayout) -> GradientPlan:
 def order_stream(named: Sequence[tuple[str, nn.Parameter, int]], slots: Sequence[str]) -> StreamLayout:
     """A layout from (name, parameter, ready-slot index) triples, ordered by readiness (stable)."""
     items = sorted(named, key=lambda t: t[2])
-    return StreamLayout(tuple(slots), tuple(p for _, p, _ in items), tuple(n for n, _, _ in items),
-                        tuple(r for _, _, r in items))
+    return StreamLayout(
+        slots=tuple(slots), params=tuple(p for _, p, _ in items), names=tuple(n for n, _, _ in items),
+        ready=tuple(r for _, _, r in items),
+    )

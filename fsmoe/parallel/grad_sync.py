@@ -9,7 +9,8 @@ divided by the number of loss shards (the world size) to give the gradient of th
 
 Gradients are flattened per replica group into buckets of ``bucket_bytes`` and all-reduced
 asynchronously, bucket by bucket, in reverse registration order (roughly the order backward produces
-them). A later scheduler slides these buckets into the MoE backward; here they run after it.
+them). :mod:`fsmoe.parallel.grad_plan` slides ranges of the same stream into the backward instead;
+here they run after it. This module owns the replica marks and the plain after-backward sync.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ REPLICA_ATTR = "fsmoe_replicas"  # on a Parameter: the group kind that holds its
 REPLICA_KINDS = ("world", "dense_dp", "expert_dp")
 
 
+def replica_group(groups: ProcessGroups | None, kind: str) -> tuple[dist.ProcessGroup | None, int]:
+    """The process group that holds the replicas of ``kind``, and its size (``world``: the default
+    group; no groups: this process alone)."""
+    if groups is None:
+        return None, 1
+    if kind == "world":
+        return None, groups.dims.world_size
+    return groups.group(kind), groups.size(kind)  # type: ignore[arg-type]
+
+
 def mark_replicas(params: Iterable[nn.Parameter], kind: str) -> None:
     """Declare which ranks hold replicas of ``params`` (default for unmarked parameters: the world)."""
     if kind not in REPLICA_KINDS:
@@ -37,6 +48,8 @@ def mark_replicas(params: Iterable[nn.Parameter], kind: str) -> None:
 
 @dataclass(frozen=True)
 class Bucket:
+    """One all-reduce: ``params`` of one replica ``kind``, flattened together (``numel`` elements)."""
+
     kind: str
     params: tuple[nn.Parameter, ...]
     numel: int
@@ -67,19 +80,13 @@ class GradSync:
             if current:
                 self.buckets.append(Bucket(kind, tuple(current), sum(q.numel() for q in current)))
 
-    def _group(self, kind: str) -> tuple[dist.ProcessGroup | None, int]:
-        assert self.groups is not None
-        if kind == "world":
-            return None, self.world
-        return self.groups.group(kind), self.groups.size(kind)  # type: ignore[arg-type]
-
     @torch.no_grad()
     def sync(self) -> None:
         if self.world == 1:
             return
         pending: list[tuple[Bucket, Tensor, object]] = []
         for bucket in self.buckets:
-            group, size = self._group(bucket.kind)
+            group, size = replica_group(self.groups, bucket.kind)
             flat = torch.cat([
                 (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket.params
             ])

@@ -1,4 +1,4 @@
-"""Turn a single-device GPT-MoE into this rank's part of the distributed model.
+"""Apply parallelism to a single-device model from outside: shards, dispatchers, pipelines, plans.
 
 Every rank builds the same full model from the same seed, then :func:`parallelize_gpt` keeps this
 rank's shards: MP attention heads (:class:`TensorParallelAttention`), this rank's sequence shard,
@@ -6,24 +6,38 @@ and the MoE layers' expert shards behind a distributed dispatcher. The distribut
 exactly the single-device model with the same weights, which is what the equality tests rely on
 (building the full model first costs memory once at start-up; fine for the model sizes trained here).
 
+:func:`apply_pipeline` is the one entry point that pipelines MoE layers: it swaps each layer's expert
+block for a :class:`~fsmoe.schedule.pipelined.Pipeline` (per-layer degrees allowed), and
+:func:`remove_pipeline` swaps the default block back. :func:`attach_gradient_plan` then wires a
+gradient plan's slots into the model, including each pipeline's Gradient-AllReduce task.
+
 :class:`RoutingGrid` is the single-device side of the same contract: it makes the reference model
 route each rank's tokens as a separate routing group, so "distributed == single-process" is defined.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from fsmoe.moe.dispatch import Dispatcher, build_dispatcher
+from fsmoe.config import ScheduleSpec, get_schedule
+from fsmoe.moe.block import ExpertBlock
+from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import build_experts
 from fsmoe.moe.layer import MoELayer, MoEStats
 from fsmoe.parallel.dims import ProcessGroups
+from fsmoe.parallel.dispatch import build_dispatcher
 from fsmoe.parallel.grad_plan import TAIL, PlannedGradSync, StreamLayout, order_stream
 from fsmoe.parallel.grad_sync import mark_replicas
 from fsmoe.parallel.tensor_parallel import TensorParallelAttention
+from fsmoe.schedule.pipelined import Pipeline
+from fsmoe.schedule.runtime import Runtime
+
+Degrees = tuple[int, int]  # (r_fwd, r_bwd)
 
 
 def shard_moe_layer(full: MoELayer, groups: ProcessGroups, dispatcher: Dispatcher) -> MoELayer:
@@ -54,6 +68,64 @@ def parallelize_gpt(model: nn.Module, groups: ProcessGroups, dispatcher: str = "
             block.mlp = shard_moe_layer(block.mlp, groups, disp)
     model.seq_shard = (coords.mp, dims.mp)
     return model
+
+
+def moe_layers(model_or_layers: nn.Module | Sequence[MoELayer]) -> list[MoELayer]:
+    """The MoE layers of a model (every :class:`MoELayer` among its modules, in module order, also
+    inside wrappers such as :class:`RoutingGrid`), or the given layers."""
+    if isinstance(model_or_layers, nn.Module):
+        return [m for m in model_or_layers.modules() if isinstance(m, MoELayer)]
+    return list(model_or_layers)
+
+
+def _per_layer(degrees: Degrees | Sequence[Degrees], n: int) -> list[Degrees]:
+    """One (r_fwd, r_bwd) pair per layer from one pair for all or a list of pairs."""
+    if len(degrees) == 2 and all(isinstance(r, int) for r in degrees):
+        return [cast(Degrees, tuple(degrees))] * n
+    pairs = [tuple(pair) for pair in cast(Sequence[Degrees], degrees)]
+    if len(pairs) != n or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(
+            f"degrees must be one (r_fwd, r_bwd) pair or one pair per MoE layer; got {list(degrees)} for {n} layers"
+        )
+    return cast(list[Degrees], pairs)
+
+
+def apply_pipeline(
+    model_or_layers: nn.Module | Sequence[MoELayer],
+    spec: ScheduleSpec | str,
+    degrees: Degrees | Sequence[Degrees],
+    runtime: Runtime | None = None,
+) -> list[Pipeline]:
+    """Pipeline the expert block (dispatch → ESP gather → experts → ESP reduce → combine) of every MoE
+    layer of ``model_or_layers`` under schedule ``spec``; returns the pipelines, one per layer in order.
+
+    ``degrees`` is one (r_fwd, r_bwd) pair for all layers or one pair per layer (the planner picks
+    them per layer). All layers share ``runtime`` (one set of lanes; default
+    ``Runtime.for_schedule(spec)``), so their tasks queue on the same channels. The layers pad their
+    capacity to each pipeline's lcm(r_fwd, r_bwd); outputs and gradients equal the unpipelined layer's.
+    A pipeline's ``gar`` (its Gradient-AllReduce slice) is attached afterwards, by
+    :func:`attach_gradient_plan` or by the caller. Applying again replaces the pipelines;
+    :func:`remove_pipeline` restores the default block."""
+    spec = get_schedule(spec) if isinstance(spec, str) else spec
+    layers = moe_layers(model_or_layers)
+    runtime = runtime if runtime is not None else Runtime.for_schedule(spec)
+    pairs = _per_layer(degrees, len(layers))
+    pipes = [Pipeline(spec=spec, r_fwd=r_fwd, r_bwd=r_bwd, runtime=runtime) for r_fwd, r_bwd in pairs]
+    for layer, pipe in zip(layers, pipes, strict=True):
+        layer.expert_block = pipe
+    return pipes
+
+
+def remove_pipeline(model_or_layers: nn.Module | Sequence[MoELayer]) -> None:
+    """Give every MoE layer of ``model_or_layers`` the default (unpipelined) expert block back."""
+    for layer in moe_layers(model_or_layers):
+        layer.expert_block = ExpertBlock()
+
+
+def pipeline_of(layer: nn.Module) -> Pipeline | None:
+    """The pipeline of an MoE layer, or None (not pipelined, or not an MoE layer)."""
+    block = getattr(layer, "expert_block", None)
+    return block if isinstance(block, Pipeline) else None
 
 
 def gpt_gradient_stream(model: nn.Module) -> StreamLayout:
@@ -96,7 +168,7 @@ def attach_gradient_plan(model: nn.Module, sync: PlannedGradSync, blocking_in_mo
         if kind == "dense":
             block.grad_slot = partial(sync.fire, slot)
         else:
-            pipe = getattr(block.mlp, "pipeline", None)
+            pipe = pipeline_of(block.mlp)
             if pipe is None or not pipe.spec.gar_in_moe:
                 runs = "no pipelined schedule" if pipe is None else f"schedule {pipe.spec.name!r}"
                 raise ValueError(
@@ -134,7 +206,7 @@ class RoutingGrid(nn.Module):
         out = torch.stack(rows, dim=0)  # (gb, B/gb, gs, L/gs, D)
         # Each rank's loss carries its own group's aux loss and the trainer averages losses over ranks,
         # so the reference averages the groups' aux losses.
-        self.last_stats = MoEStats(aux / (gb * gs), dropped, assigned)
+        self.last_stats = MoEStats(aux_loss=aux / (gb * gs), num_dropped=dropped, num_assignments=assigned)
         return out.reshape(B, L, D)
 
 
@@ -146,5 +218,7 @@ def reference_grid(model: nn.Module, batch_groups: int, seq_groups: int) -> nn.M
     return model
 
 
-__all__ = ["RoutingGrid", "attach_gradient_plan", "gpt_gradient_stream", "parallelize_gpt", "reference_grid",
-           "shard_moe_layer"]
+__all__ = [
+    "Degrees", "RoutingGrid", "apply_pipeline", "attach_gradient_plan", "gpt_gradient_stream", "moe_layers",
+    "parallelize_gpt", "pipeline_of", "reference_grid", "remove_pipeline", "shard_moe_layer",
+]

@@ -13,6 +13,8 @@ AllGather and ReduceScatter are each other's adjoints, so backward mirrors forwa
 projection weights are sharded by head (their gradients are complete after the ReduceScatter/AllGather
 adjoints, and are replicated only across the dense-DP group); the output bias is added after the
 ReduceScatter, so each rank's bias gradient covers its own tokens (replicated over the world).
+
+This module owns the MP attention module; its collectives come from :mod:`fsmoe.parallel.comm`.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ expert compute, or a slice of the dense Gradient-AllReduce — placed on a chann
 (ESP/MP collectives) or ``inter`` (EP AlltoAll, DP Gradient-AllReduce). A task list is in CPU issue
 order; the runtime keeps it, tasks of one channel run in that order, and a task starts when its
 dependencies are done. The same lists feed the runtime, the simulator and the text timeline.
+
+This module owns the task record, the channel vocabulary and each task kind's channel.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ KIND_CHANNEL = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Task:
     """``kind`` of ``chunk`` on ``channel``; ``deps`` are (kind, chunk) keys of earlier tasks."""
 

@@ -18,48 +18,66 @@ done, as autograd drops saved tensors node by node, so backward through the bloc
 ``retain_graph``). The (E, C, D) output and input gradient are allocated when their first chunk
 arrives, not while the experts run, and the chunks' parameter gradients are summed in place.
 
-Autograd sees one op: ``y_ECD = pipelined(x_ECD, *expert_params)``; gate, Order and I-Order around it
+Autograd sees one op: ``y_ECD = pipe(x_ECD, dispatcher, experts)``; gate, Order and I-Order around it
 stay ordinary autograd. The collectives inside run without autograd on the dispatcher's steps.
+
+This module owns :class:`Pipeline`, the pipelined implementation of the MoE layer's expert block
+(:class:`fsmoe.moe.block.ExpertBlock`), and its autograd Function.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fsmoe.config import ScheduleSpec, check_degrees
+from fsmoe.moe.block import ExpertBlock
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import Experts
+from fsmoe.moe.hooks import BLOCK_POINTS, NO_HOOKS, HookChain
 from fsmoe.schedule.runtime import Runtime
-from fsmoe.schedule.schedules import ScheduleSpec, backward_tasks, check_degrees, forward_tasks
+from fsmoe.schedule.schedules import backward_tasks, forward_tasks
 
 
-@dataclass
-class Pipeline:
-    """How one MoE layer pipelines: its schedule, degrees, runtime, and the Gradient-AllReduce slice
-    to launch inside its backward (``gar``: a callable run on the inter channel, or None)."""
+@dataclass(kw_only=True, eq=False)
+class Pipeline(ExpertBlock):
+    """The pipelined expert block of one MoE layer: its schedule, degrees, the runtime whose lanes run
+    its communication tasks (usually :meth:`Runtime.for_schedule`, one shared by all layers), and the
+    Gradient-AllReduce slice to launch inside its backward (``gar``: a callable run on the inter
+    channel, or None). Not frozen: the gradient plan attaches ``gar`` after the model is built
+    (:func:`fsmoe.parallel.parallelize.attach_gradient_plan`).
+
+    Set on a layer from outside by :func:`fsmoe.parallel.parallelize.apply_pipeline`."""
 
     spec: ScheduleSpec
     r_fwd: int = 1
     r_bwd: int = 1
-    runtime: Runtime | None = None
+    runtime: Runtime
     gar: Callable[[], None] | None = None
-    lanes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_degrees(self.spec, self.r_fwd, self.r_bwd)
-        if self.runtime is None:
-            inter = "inter"
-            intra = "intra" if self.spec.separate_channels else "inter"
-            self.runtime = Runtime({"inter": inter, "intra": intra})
 
     @property
     def capacity_multiple(self) -> int:
+        """Both passes cut C into equal chunks: C must be a multiple of lcm(r_fwd, r_bwd)."""
         return math.lcm(self.r_fwd, self.r_bwd)
+
+    def __call__(self, x_ECD: Tensor, dispatcher: Dispatcher, experts: Experts, hooks: HookChain = NO_HOOKS) -> Tensor:
+        """Dispatch, ESP gather, experts, ESP reduce and combine of ``x_ECD`` under this schedule."""
+        inner = hooks.overriding(BLOCK_POINTS)
+        if inner:
+            raise ValueError(
+                f"after_dispatch/before_combine hooks ({', '.join(type(h).__name__ for h in inner)}) run per chunk "
+                "inside the pipelined block, which does not support them yet; remove the pipeline "
+                "(fsmoe.parallel.parallelize.remove_pipeline) or the hook"
+            )
+        return _PipelinedBlock.apply(x_ECD, self, dispatcher, experts, *experts.parameters())
 
 
 def _chunk(C: int, r: int, i: int) -> slice:
@@ -228,7 +246,3 @@ class _PipelinedBlock(torch.autograd.Function):
         pipe.runtime.run(backward_tasks(pipe.spec, r, with_gar=pipe.gar is not None), impls)
         return (dx[0], None, None, None, *pgrads)
 
-
-def pipelined_experts(x_ECD: Tensor, pipe: Pipeline, disp: Dispatcher, experts: Experts) -> Tensor:
-    """Dispatch, ESP gather, experts, ESP reduce and combine of ``x_ECD`` under ``pipe``'s schedule."""
-    return _PipelinedBlock.apply(x_ECD, pipe, disp, experts, *experts.parameters())

@@ -8,6 +8,8 @@ schedule allows. A schedule with one communication channel simply maps intra and
 
 Tracing (off by default) records each task's start and end per rank and channel; :func:`chrome_trace`
 turns the records into Chrome-trace JSON that opens in Perfetto.
+
+This module owns the lanes, the runtime that issues a task list on them, and the trace records.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from fsmoe.config import ScheduleSpec
 from fsmoe.schedule.ir import Task, check_tasks
+from fsmoe.schedule.schedules import lanes_for
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class TraceEvent:
     name: str
     channel: str
@@ -74,13 +78,20 @@ class Lane:
 @dataclass
 class Runtime:
     """Executes task lists; ``lanes`` maps a communication channel to a lane name (several channels may
-    share one lane). Lanes are created once and reused across runs."""
+    share one lane). Lanes are created once and reused across runs. :meth:`for_schedule` is the usual
+    way to build one."""
 
     lanes: Mapping[str, str]
     rank: int = 0
     trace: bool = False
-    events: list[TraceEvent] = field(default_factory=list)
-    _workers: dict[str, Lane] = field(default_factory=dict)
+    events: list[TraceEvent] = field(default_factory=list, init=False)
+    _workers: dict[str, Lane] = field(default_factory=dict, init=False)
+
+    @classmethod
+    def for_schedule(cls, spec: ScheduleSpec, *, rank: int = 0, trace: bool = False) -> Runtime:
+        """The runtime of ``spec``: its lanes from :func:`~fsmoe.schedule.schedules.lanes_for`; ``rank``
+        and ``trace`` label and switch on the recorded events."""
+        return cls(lanes_for(spec), rank=rank, trace=trace)
 
     def _lane(self, channel: str) -> Lane:
         name = self.lanes[channel]
@@ -95,8 +106,8 @@ class Runtime:
         def run() -> None:
             start = time.perf_counter()
             fn(task.chunk)
-            self.events.append(TraceEvent(f"{task.kind}[{task.chunk}]", task.channel, start, time.perf_counter(),
-                                          self.rank))
+            self.events.append(TraceEvent(name=f"{task.kind}[{task.chunk}]", channel=task.channel, start_s=start,
+                                          end_s=time.perf_counter(), rank=self.rank))
 
         return run
 

@@ -16,51 +16,16 @@ Schedules (``SCHEDULES``):
                 the dense parts, without occupying the inter channel (AlltoAll keeps its FIFO place)
   fsmoe_no_iio  one comm channel, r_fwd ≠ r_bwd allowed, planned GAR slot inside the MoE backward
   fsmoe         separate intra/inter channels, r_fwd ≠ r_bwd, planned GAR slot inside the MoE backward
+
+The schedules' data (:class:`ScheduleSpec`, ``SCHEDULES``, ``get_schedule``, ``check_degrees``) lives in
+:mod:`fsmoe.config`, shared with the job config and the simulator, and is re-exported here; this
+module owns the task-list builders and the channel → lane mapping (:func:`lanes_for`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from fsmoe.config import SCHEDULES, ScheduleSpec, check_degrees, get_schedule
 from fsmoe.schedule.ir import BACKWARD_KINDS, FORWARD_KINDS, KIND_CHANNEL, Task, check_tasks
-
-
-@dataclass(frozen=True)
-class ScheduleSpec:
-    name: str
-    separate_channels: bool  # intra and inter collectives on separate channels
-    pipelined: bool  # r > 1 allowed
-    independent_degrees: bool  # r_fwd ≠ r_bwd allowed
-    gar_in_moe: bool  # the layer's GAR slice runs inside the MoE backward
-    gar_overlap_dense: bool  # the remaining GAR overlaps the dense backward
-    gar_chunk_bytes: int | None = None  # fixed-size GAR chunks (Lina); None: planned ranges
-    gar_blocking: bool = True  # a GAR slice inside the MoE block occupies the inter channel until done
-
-
-SCHEDULES: dict[str, ScheduleSpec] = {
-    "sequential": ScheduleSpec("sequential", False, False, False, False, False),
-    "tutel": ScheduleSpec("tutel", False, True, False, False, False),
-    "tutel_improved": ScheduleSpec("tutel_improved", False, True, False, False, True),
-    "lina": ScheduleSpec("lina", False, True, False, True, True, gar_chunk_bytes=30 * 2**20, gar_blocking=False),
-    "fsmoe_no_iio": ScheduleSpec("fsmoe_no_iio", False, True, True, True, True),
-    "fsmoe": ScheduleSpec("fsmoe", True, True, True, True, True),
-}
-
-
-def get_schedule(name: str) -> ScheduleSpec:
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]
-
-
-def check_degrees(spec: ScheduleSpec, r_fwd: int, r_bwd: int) -> None:
-    for what, r in (("r_fwd", r_fwd), ("r_bwd", r_bwd)):
-        if r < 1:
-            raise ValueError(f"{what} must be >= 1, got {r}")
-    if not spec.pipelined and (r_fwd, r_bwd) != (1, 1):
-        raise ValueError(f"schedule {spec.name!r} does not pipeline; got r_fwd={r_fwd}, r_bwd={r_bwd} (need 1, 1)")
-    if not spec.independent_degrees and r_fwd != r_bwd:
-        raise ValueError(f"schedule {spec.name!r} uses one degree for both passes; got r_fwd={r_fwd} != r_bwd={r_bwd}")
 
 
 def channel_of(spec: ScheduleSpec, kind: str) -> str:
@@ -69,12 +34,19 @@ def channel_of(spec: ScheduleSpec, kind: str) -> str:
     return "inter" if ch == "intra" and not spec.separate_channels else ch
 
 
+def lanes_for(spec: ScheduleSpec) -> dict[str, str]:
+    """Communication channel → lane name for running ``spec``: the lane of a channel is where
+    :func:`channel_of` puts its tasks, so a schedule with one communication channel runs intra and inter
+    collectives on one FIFO lane. The one place this mapping is made (see ``Runtime.for_schedule``)."""
+    return {ch: channel_of(spec, kind) for kind, ch in KIND_CHANNEL.items() if ch != "compute"}
+
+
 def _pass(spec: ScheduleSpec, kinds: tuple[str, ...], r: int, gar: bool) -> list[Task]:
     first, gather, expert, reduce, second = kinds
     tasks: list[Task] = []
 
     def add(kind: str, i: int, *deps: tuple[str, int]) -> None:
-        tasks.append(Task(kind, i, channel_of(spec, kind), deps))
+        tasks.append(Task(kind=kind, chunk=i, channel=channel_of(spec, kind), deps=deps))
 
     for i in range(r):
         add(first, i)
@@ -101,3 +73,9 @@ def backward_tasks(spec: ScheduleSpec, r: int, with_gar: bool = False) -> list[T
     if with_gar and not spec.gar_in_moe:
         raise ValueError(f"schedule {spec.name!r} does not run a Gradient-AllReduce slice inside the MoE backward")
     return _pass(spec, BACKWARD_KINDS, r, gar=with_gar)
+
+
+__all__ = [
+    "SCHEDULES", "ScheduleSpec", "backward_tasks", "channel_of", "check_degrees", "forward_tasks", "get_schedule",
+    "lanes_for",
+]

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fsmoe.config import DataConfig
+
 # Directories whose .py files are not "the standard library's own source": installed third-party
 # packages, the (large and repetitive) test suites and their data, and bytecode caches.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -28,22 +30,6 @@ SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_
 
 class DataError(ValueError):
     """The data cannot be used: a missing, empty or too-short file (the message names the numbers)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class DataConfig:
-    """Where the bytes come from. ``path=None`` means the embedded standard-library corpus, cut at
-    ``max_bytes``; a user file is read whole."""
-
-    path: str | None = None
-    max_bytes: int = 8_000_000
-    val_fraction: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
-"""Distributed training glue: the parallel config, start-up checks, and the launcher.
+"""Distributed training glue: joining the ranks, gradient-norm clipping, and the launcher.
 
-``ParallelConfig`` says how many ranks and how they split the work (MP, EP, ESP; the dense
-data-parallel degree is world / MP). :func:`setup` runs on every rank: it validates everything that can
-be checked from the config alone — the same pure checks on every rank, so a bad layout raises the same
-clear ``ValueError`` everywhere before any collective — then joins the process group, builds the groups,
-and compares a hash of the whole training config across ranks (one 8-byte exchange).
+The layout (:class:`~fsmoe.config.ParallelConfig`) is validated with the rest of the job before any rank
+starts, and again, identically, on every rank when it builds the job, so a bad layout raises the same
+clear ``ValueError`` everywhere before any collective. :func:`setup` then joins the process group,
+builds the groups, and compares a hash of the whole job across ranks (one 8-byte exchange).
 
 :func:`launch` starts ``nproc`` local ranks through torch's own elastic launcher API (what ``torchrun``
 uses), re-running this command line in each; when one rank fails, the launcher stops the others.
@@ -24,68 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsmoe.config import ParallelConfig
 from fsmoe.parallel.dims import ParallelDims, ProcessGroups, build_groups, config_hash_check
 from fsmoe.parallel.grad_sync import REPLICA_ATTR
-from fsmoe.schedule.schedules import check_degrees, get_schedule
-
-DISPATCHER_NAMES = ("a2a", "2dh", "1dh")
-
-
-@dataclass(kw_only=True, frozen=True)
-class ParallelConfig:
-    """``nproc`` ranks in nodes of ``procs_per_node`` (``None``: all on one node); degrees mp, ep, esp;
-    the MoE block's dispatcher and schedule with its pipeline degrees."""
-
-    nproc: int = 1
-    procs_per_node: int | None = None
-    mp: int = 1
-    ep: int = 1
-    esp: int = 1
-    dispatcher: str = "a2a"
-    schedule: str = "sequential"
-    r_fwd: int = 1
-    r_bwd: int = 1
-    gar_plan: str | None = None  # e.g. "moe:3=2MB,dense:3=ready"; None: the schedule's default plan
-    timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.dispatcher not in DISPATCHER_NAMES:
-            raise ValueError(f"unknown dispatcher {self.dispatcher!r}; choose one of {', '.join(DISPATCHER_NAMES)}")
-        check_degrees(get_schedule(self.schedule), self.r_fwd, self.r_bwd)
-        if self.nproc < 1:
-            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
-        if self.mp > 1 and self.nproc % self.mp:
-            raise ValueError(f"MP degree {self.mp} does not divide the {self.nproc} ranks")
-        self.dims()  # validates the layout, naming the numbers
-
-    @property
-    def distributed(self) -> bool:
-        return self.nproc > 1
-
-    def dims(self) -> ParallelDims:
-        return ParallelDims(
-            world_size=self.nproc, procs_per_node=self.procs_per_node or self.nproc,
-            dp=self.nproc // self.mp, mp=self.mp, ep=self.ep, esp=self.esp,
-        )
-
-
-def check_model_fits(par: ParallelConfig, *, num_experts: int, d_hidden: int, n_heads: int, seq_len: int,
-                     batch_size: int) -> None:
-    """Pure checks of the model and batch against the layout (run on every rank before any collective)."""
-    dims = par.dims()
-    problems = []
-    if num_experts % par.ep:
-        problems.append(f"number of experts E={num_experts} is not divisible by EP={par.ep}")
-    if d_hidden % par.esp:
-        problems.append(f"expert hidden dim H={d_hidden} is not divisible by ESP={par.esp}")
-    if n_heads % par.mp:
-        problems.append(f"attention heads {n_heads} are not divisible by MP={par.mp}")
-    if seq_len % par.mp:
-        problems.append(f"sequence length {seq_len} is not divisible by MP={par.mp} (sequence parallelism)")
-    if batch_size % dims.dense_dp:
-        problems.append(f"global batch {batch_size} is not divisible by the dense data-parallel degree {dims.dense_dp}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -116,7 +56,7 @@ def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
         )
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=par.timeout_s))
-    groups = build_groups(par.dims(), channels=2)
+    groups = build_groups(ParallelDims.from_config(par), channels=2)
     config_hash_check(config_for_hash)
     return DistContext(dist.get_rank(), dist.get_world_size(), groups)
 

@@ -1,11 +1,12 @@
-"""Single-process training of :class:`~fsmoe.models.gpt_moe.GPTMoE`: ``run_train(TrainConfig) -> TrainResult``.
+"""Training of :class:`~fsmoe.models.gpt_moe.GPTMoE` on one process or on every launched rank:
+``run_train(JobConfig) -> TrainResult``.
 
 The objective is the language-model loss plus the MoE layers' aux losses (already weighted by each
 layer's ``MoEConfig`` coefficients). AdamW with linear warmup and cosine decay to ``min_lr_ratio · lr``.
 Every ``log_every`` steps (and at the first and last step) one progress line is printed and one JSON
-object appended to ``<out_dir>/metrics.jsonl``; the validation loss at the end goes to the result and to
-``<out_dir>/summary.json``. Syncing reads (``.item()``, ``dropped_fraction``) happen only at those
-logging points.
+object appended to ``<out>/metrics.jsonl``; the validation loss at the end goes to the result and to
+``<out>/summary.json``; the resolved job goes to ``<out>/job.toml`` (``--config`` reads it back).
+Syncing reads (``.item()``, ``dropped_fraction``) happen only at those logging points.
 """
 
 from __future__ import annotations
@@ -15,73 +16,32 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fsmoe.models.gpt_moe import GPTMoE, GPTMoEConfig, ModelOutput, gpt2_moe_tiny
+from fsmoe.config import JobConfig, TrainConfig, dump_toml, get_schedule
+from fsmoe.models.gpt_moe import GPTMoE, ModelOutput
 from fsmoe.moe.layer import MoEStats
 from fsmoe.parallel.grad_plan import PlannedGradSync, greedy_plan, parse_plan
 from fsmoe.parallel.grad_sync import GradSync
-from fsmoe.parallel.parallelize import attach_gradient_plan, gpt_gradient_stream, parallelize_gpt
-from fsmoe.schedule.pipelined import Pipeline
+from fsmoe.parallel.parallelize import (
+    apply_pipeline,
+    attach_gradient_plan,
+    gpt_gradient_stream,
+    parallelize_gpt,
+    pipeline_of,
+)
 from fsmoe.schedule.runtime import Runtime, chrome_trace
-from fsmoe.schedule.schedules import get_schedule
-from fsmoe.train.data import BatchSampler, DataConfig, load_corpus
-from fsmoe.train.distributed import DistContext, ParallelConfig, check_model_fits, clip_grads_, setup, teardown
+from fsmoe.train.data import BatchSampler, load_corpus
+from fsmoe.train.distributed import DistContext, clip_grads_, setup, teardown
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
-
-
-@dataclass(kw_only=True, frozen=True)
-class TrainConfig:
-    """One training run. ``max_seconds`` (optional) stops training early once that much wall time has
-    been spent in training steps; ``threads=None`` leaves torch's intra-op thread count alone."""
-
-    model: GPTMoEConfig = field(default_factory=gpt2_moe_tiny)
-    data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    warmup: int = 50
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    log_every: int = 50
-    eval_iters: int = 20
-    out_dir: str = "runs/default"
-    threads: int | None = None
-    max_seconds: float | None = None
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    trace: str | None = None  # Chrome-trace JSON of the MoE blocks' tasks (rank 0), written at the end
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "eval_iters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 (or None for torch's default), got {self.threads}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be > 0 (or None for no limit), got {self.max_seconds}")
-        m = self.model
-        check_model_fits(self.parallel, num_experts=m.moe.num_experts, d_hidden=m.moe.d_hidden,
-                         n_heads=m.n_heads, seq_len=m.seq_len, batch_size=self.batch_size)
+CONFIG_FILE = "job.toml"
 
 
 @dataclass(frozen=True)
@@ -98,11 +58,11 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for 1-based ``step``: linear warmup over ``warmup`` steps, then cosine decay from
+    """Learning rate for 1-based ``step``: linear warmup over ``lr_warmup`` steps, then cosine decay from
     ``lr`` to ``min_lr_ratio · lr`` at step ``steps``."""
-    if step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    if step <= cfg.lr_warmup:
+        return cfg.lr * step / cfg.lr_warmup
+    progress = (step - cfg.lr_warmup) / max(cfg.steps - cfg.lr_warmup, 1)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
@@ -142,11 +102,12 @@ class RankBatches:
     """Every rank draws the same global batch and keeps its dense-DP rows, so a distributed run sees
     exactly the data of the single-process run with the same seed."""
 
-    def __init__(self, data_N: Tensor, cfg: TrainConfig, seed: int, ctx: DistContext | None) -> None:
-        self.sampler = BatchSampler(data_N, batch_size=cfg.batch_size, seq_len=cfg.model.seq_len, seed=seed)
+    def __init__(self, data_N: Tensor, job: JobConfig, seed: int, ctx: DistContext | None) -> None:
+        batch_size = job.train.batch_size
+        self.sampler = BatchSampler(data_N, batch_size=batch_size, seq_len=job.model.seq_len, seed=seed)
         dp = 1 if ctx is None else ctx.groups.dims.dense_dp
         index = 0 if ctx is None else ctx.groups.dims.rank_layout(ctx.rank).dp
-        rows = cfg.batch_size // dp
+        rows = batch_size // dp
         self.rows = slice(index * rows, (index + 1) * rows)
 
     def sample(self) -> tuple[Tensor, Tensor]:
@@ -176,36 +137,36 @@ def _format_line(rec: dict[str, float | int], steps: int) -> str:
     )
 
 
-def build_model(cfg: TrainConfig, ctx: DistContext | None, runtime: Runtime | None = None) -> GPTMoE:
-    """The model of ``cfg`` for this rank: every rank builds the full model from ``cfg.seed``, then keeps
+def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None = None) -> GPTMoE:
+    """The model of ``job`` for this rank: every rank builds the full model from ``run.seed``, then keeps
     its shards; MoE blocks get the configured schedule (sharing one runtime, i.e. one set of lanes)."""
-    torch.manual_seed(cfg.seed)
-    model = GPTMoE(cfg.model)
-    par = cfg.parallel
+    torch.manual_seed(job.run.seed)
+    model = GPTMoE(job.model)
+    par, sched = job.parallel, job.schedule
     if ctx is not None:
         parallelize_gpt(model, ctx.groups, par.dispatcher)
-    if par.schedule != "sequential" or cfg.trace:
-        spec = get_schedule(par.schedule)
-        lanes = {"inter": "inter", "intra": "intra" if spec.separate_channels else "inter"}
-        runtime = runtime or Runtime(lanes, rank=0 if ctx is None else ctx.rank, trace=cfg.trace is not None)
-        for layer in model.moe_layers:
-            layer.pipeline = Pipeline(spec, r_fwd=par.r_fwd, r_bwd=par.r_bwd, runtime=runtime)
+    if sched.name != "sequential" or job.run.trace:
+        spec = get_schedule(sched.name)
+        rank = 0 if ctx is None else ctx.rank
+        runtime = runtime or Runtime.for_schedule(spec, rank=rank, trace=job.run.trace is not None)
+        apply_pipeline(model.moe_layers, spec, (sched.r_fwd, sched.r_bwd), runtime)
     return model
 
 
-def build_grad_sync(model: GPTMoE, cfg: TrainConfig, ctx: DistContext | None) -> GradSync | PlannedGradSync:
+def build_grad_sync(model: GPTMoE, job: JobConfig, ctx: DistContext | None) -> GradSync | PlannedGradSync:
     """Plain bucketed all-reduce after backward, or — for schedules that overlap it — a gradient plan:
-    the explicit ``parallel.gar_plan``, else launch every range as soon as it is ready (only in the
+    the explicit ``schedule.gar_plan``, else launch every range as soon as it is ready (only in the
     dense parts for tutel_improved; in fixed chunks for lina)."""
-    spec = get_schedule(cfg.parallel.schedule)
+    spec = get_schedule(job.schedule.name)
+    gar_plan = job.schedule.gar_plan
     groups = None if ctx is None else ctx.groups
     if not (spec.gar_in_moe or spec.gar_overlap_dense):
-        if cfg.parallel.gar_plan:
+        if gar_plan:
             raise ValueError(f"schedule {spec.name!r} all-reduces gradients after backward; it takes no --gar-plan")
         return GradSync(model, groups)
     layout = gpt_gradient_stream(model)
-    if cfg.parallel.gar_plan:
-        plan = parse_plan(cfg.parallel.gar_plan, layout)
+    if gar_plan:
+        plan = parse_plan(gar_plan, layout)
     else:
         allowed = (lambda slot: True) if spec.gar_in_moe else (lambda slot: slot.startswith("dense:"))
         plan = greedy_plan(layout, allowed, chunk_bytes=spec.gar_chunk_bytes)
@@ -237,45 +198,46 @@ def train_step(
     return out
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
-    """Train from scratch as ``cfg`` says; see the module docstring for what is logged and written.
-    With ``cfg.parallel.nproc > 1`` this runs on every launched rank (see :mod:`fsmoe.train.distributed`)."""
-    threads = cfg.threads if cfg.threads is not None else (1 if cfg.parallel.distributed else None)
+def run_train(job: JobConfig) -> TrainResult:
+    """Train from scratch as ``job`` says; see the module docstring for what is logged and written.
+    With ``parallel.nproc > 1`` this runs on every launched rank (see :mod:`fsmoe.train.distributed`)."""
+    job.check_training()  # pure: the same error on every rank, before any collective
+    threads = job.run.threads if job.run.threads is not None else (1 if job.parallel.distributed else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    corpus = load_corpus(cfg.data, cfg.model.seq_len)  # first, so that bad data leaves no output directory behind
-    ctx = setup(cfg.parallel, cfg)
+    corpus = load_corpus(job.data, job.model.seq_len)  # first, so that bad data leaves no output directory behind
+    ctx = setup(job.parallel, job)
     try:
-        return _train(cfg, corpus, ctx)
+        return _train(job, corpus, ctx)
     finally:
         teardown()
 
 
-def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainResult:
+def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResult:
     main = ctx is None or ctx.is_main
-    seq_len = cfg.model.seq_len
-    out_dir = Path(cfg.out_dir)
+    cfg, m = job.train, job.model
+    seq_len = m.seq_len
+    out_dir = Path(job.run.out)
     metrics_path = out_dir / METRICS_FILE
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    train = RankBatches(corpus.train_N, cfg, cfg.seed, ctx)
-    model = build_model(cfg, ctx)
+        (out_dir / CONFIG_FILE).write_text(dump_toml(job))
+    train = RankBatches(corpus.train_N, job, job.run.seed, ctx)
+    model = build_model(job, ctx)
     model.train()
     opt = build_optimizer(model, cfg)
-    sync = build_grad_sync(model, cfg, ctx)
-    par = cfg.parallel
+    sync = build_grad_sync(model, job, ctx)
+    par, sched = job.parallel, job.schedule
     if main:
         layout = (f"{par.nproc} ranks (MP={par.mp}, EP={par.ep}, ESP={par.esp}, dispatcher {par.dispatcher}, "
-                  f"schedule {par.schedule} r={par.r_fwd}/{par.r_bwd})" if par.distributed else "1 process")
+                  f"schedule {sched.name} r={sched.r_fwd}/{sched.r_bwd})" if par.distributed else "1 process")
         print(
             f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val bytes\n"
-            f"model: {GPTMoE(cfg.model).num_params() if par.distributed else model.num_params():,} parameters, "
-            f"{cfg.model.n_layers} layers ({cfg.model.num_moe_layers} MoE: {cfg.model.moe.num_experts} experts, "
-            f"top-{cfg.model.moe.top_k}, gate {cfg.model.moe.gate}); {cfg.batch_size}x{seq_len} tokens/step; {layout}",
+            f"model: {GPTMoE(m).num_params() if par.distributed else model.num_params():,} parameters, "
+            f"{m.n_layers} layers ({m.num_moe_layers} MoE: {m.moe.num_experts} experts, "
+            f"top-{m.moe.top_k}, gate {m.moe.gate}); {cfg.batch_size}x{seq_len} tokens/step; {layout}",
             flush=True,
         )
-
     tokens_per_step = cfg.batch_size * seq_len
     first_loss = math.nan
     interval_loss = torch.zeros(())
@@ -331,7 +293,7 @@ def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainRe
         if metrics is not None:
             metrics.close()
 
-    val = RankBatches(corpus.val_N, cfg, cfg.seed + 1, ctx)
+    val = RankBatches(corpus.val_N, job, job.run.seed + 1, ctx)
     val_loss = evaluate(model, val, cfg.eval_iters, ctx)
     result = TrainResult(
         first_loss=first_loss,
@@ -341,11 +303,12 @@ def _train(cfg: TrainConfig, corpus: object, ctx: DistContext | None) -> TrainRe
         tokens_per_s=step * tokens_per_step / max(train_seconds, 1e-9),
         metrics_path=str(metrics_path),
     )
-    if cfg.trace and main:
-        layers = model.moe_layers
-        if layers and layers[0].pipeline is not None:
-            chrome_trace(layers[0].pipeline.runtime.events, cfg.trace)
-            print(f"trace: {cfg.trace} (open in Perfetto)", flush=True)
+    trace = job.run.trace
+    if trace and main:
+        pipe = pipeline_of(model.moe_layers[0]) if model.moe_layers else None
+        if pipe is not None:
+            chrome_trace(pipe.runtime.events, trace)
+            print(f"trace: {trace} (open in Perfetto)", flush=True)
     if main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
         print(

@@ -1,6 +1,6 @@
-"""``fsmoe bench layer``: configuration checks, the implementation list, the CLI flags, the summary
-arithmetic on hand-made samples, and one quick run on 2 plain-loopback ranks (no namespaces) whose
-JSON is checked for structure and for ratios computed from the medians. No timing is asserted."""
+"""``fsmoe bench layer``: the job checks, the implementation list, the CLI flags, the summary arithmetic on
+hand-made samples, and one quick run on 2 plain-loopback ranks (no namespaces) whose JSON is checked for
+structure and for ratios computed from the medians. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -10,68 +10,95 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from fsmoe.bench import LayerBenchConfig, quick_layer_config, run_layer_bench, summarize
-from fsmoe.bench.config import DEEPSPEED, ImplSpec
+from fsmoe.bench import (
+    DEEPSPEED,
+    ImplSpec,
+    check_layer_job,
+    layer_impls,
+    quick_layer_job,
+    run_layer_bench,
+    summarize,
+)
+from fsmoe.bench.harness import RoundTimes
+from fsmoe.bench.layer_workload import LayerRankResult, ProbeInfo
 from fsmoe.bench.memory import PeakMemory
-from fsmoe.bench.rank import ProbeInfo, RankResult
-from fsmoe.cli import bench_layer_config_from_args, build_parser
+from fsmoe.cli import build_parser, job_from_args
+from fsmoe.config import JobConfig, layer_bench_recipe, load_toml
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _job(**overrides: Any) -> JobConfig:
+    return layer_bench_recipe().with_overrides(overrides)
+
+
+def _quick(**overrides: Any) -> JobConfig:
+    return quick_layer_job(layer_bench_recipe()).with_overrides(overrides)
 
 
 # --- configuration --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"ep": 2, "esp": 1}, "ep*esp must equal the world size"),
-        ({"experts": 6}, "experts E=6 is not divisible by ep=4"),
-        ({"ep": 2, "esp": 2, "d_hidden": 2049}, "H=2049 is not divisible by esp=2"),
-        ({"ep": 2, "esp": 4}, "esp=4 must divide procs_per_node=2"),
-        ({"schedules": ("fsmoe", "gpipe")}, "unknown schedule 'gpipe'"),
-        ({"link": "10mbps"}, "bytes/s"),
-        ({"dispatcher": "local"}, "unknown dispatcher 'local'"),
-        ({"degrees": (0,)}, "degrees must be >= 1"),
-        ({"launcher": "ssh"}, "unknown launcher 'ssh'"),
-        ({"reps": 0}, "reps must be >= 1"),
+        ({"parallel.ep": 2, "parallel.esp": 1}, "ep*esp must equal the world size"),
+        ({"parallel.ep": 2, "parallel.mp": 2}, "mp must be 1, got mp=2"),
+        ({"moe.num_experts": 6}, "E=6 is not divisible by EP=4"),
+        ({"parallel.ep": 2, "parallel.esp": 2, "moe.d_hidden": 2049}, "H=2049 is not divisible by ESP=2"),
+        ({"parallel.ep": 2, "parallel.esp": 4}, "esp=4 must divide procs_per_node=2"),
+        ({"bench.schedules": ("fsmoe", "gpipe")}, "unknown schedule 'gpipe'"),
+        ({"cluster.link": "10mbps"}, "bytes/s"),
+        ({"parallel.dispatcher": "local"}, "unknown dispatcher 'local'"),
+        ({"bench.degrees": (0,)}, "degrees must be >= 1"),
+        ({"cluster.launcher": "ssh"}, "unknown launcher 'ssh'"),
+        ({"bench.reps": 0}, "reps must be an int >= 1"),
     ],
 )
-def test_config_refuses_with_the_numbers(changes: dict, message: str) -> None:
+def test_job_refuses_with_the_numbers(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("*", r"\*")):
-        LayerBenchConfig(**changes)
+        check_layer_job(_job(**changes))
 
 
 def test_implementations_listed_in_table_order() -> None:
-    cfg = LayerBenchConfig(schedules=("sequential", "tutel", "fsmoe"), degrees=(1, 4), mixed_degrees=((2, 4), (4, 4)))
-    names = [i.name for i in cfg.impls()]
+    job = _job(**{"bench.schedules": ("sequential", "tutel", "fsmoe"), "bench.degrees": (1, 4),
+                  "bench.mixed_degrees": ((2, 4), (4, 4))})
+    names = [i.name for i in layer_impls(job)]
     # sequential once; tutel gets only r_fwd = r_bwd; fsmoe also the mixed pairs (duplicates dropped)
     assert names == ["sequential", "tutel r=1", "tutel r=4", "fsmoe r=1", "fsmoe r=4", "fsmoe r=2/4", "deepspeed"]
-    assert [i.gar_in_moe for i in cfg.impls()] == [False, False, False, True, True, True, False]
+    assert [i.gar_in_moe for i in layer_impls(job)] == [False, False, False, True, True, True, False]
     assert ImplSpec("fsmoe", 4, 8).pipelined and not ImplSpec("sequential").pipelined
-    assert [i.name for i in cfg.replace(include_deepspeed=False).impls()][-1] == "fsmoe r=2/4"
+    no_ds = job.with_overrides({"bench.deepspeed": False})
+    assert [i.name for i in layer_impls(no_ds)][-1] == "fsmoe r=2/4"
+    with pytest.raises(ValueError, match="uses one degree for both passes"):
+        ImplSpec("tutel", 2, 4)
 
 
 def test_quick_preset_is_small_and_overridable() -> None:
-    cfg = quick_layer_config(ep=2, esp=2)
-    assert (cfg.tokens, cfg.d_model, cfg.d_hidden, cfg.reps) == (256, 128, 256, 2)
-    assert (cfg.ep, cfg.esp) == (2, 2)
+    job = _quick(**{"parallel.ep": 2, "parallel.esp": 2})
+    assert (job.bench.tokens, job.model.d_model, job.moe.d_hidden, job.bench.reps) == (256, 128, 256, 2)
+    assert (job.parallel.ep, job.parallel.esp) == (2, 2)
+    check_layer_job(job)
+
+
+def _cli_job(*argv: str) -> JobConfig:
+    args = build_parser().parse_args(["bench", "layer", *argv])
+    return job_from_args(args, args.cmd)
 
 
 def test_cli_flags_override_the_preset() -> None:
-    args = build_parser().parse_args(
-        ["bench", "layer", "--quick", "--link", "200mbit", "--ep", "2", "--esp", "2", "--schedules", "tutel",
-         "fsmoe", "--r", "2", "4", "--mixed", "2/4", "--no-deepspeed", "--reps", "3", "--burst", "262144"]
-    )
-    cfg = bench_layer_config_from_args(args)
-    assert cfg.tokens == 256 and cfg.link == "200mbit" and (cfg.ep, cfg.esp) == (2, 2)
-    assert cfg.schedules == ("tutel", "fsmoe") and cfg.degrees == (2, 4) and cfg.mixed_degrees == ((2, 4),)
-    assert cfg.include_deepspeed is False and cfg.reps == 3 and cfg.burst_bytes == 262144
-    assert cfg.memory is True and cfg.trace_all is False  # flags left out keep the preset's values
-    full = bench_layer_config_from_args(build_parser().parse_args(["bench", "layer"]))
-    assert full == LayerBenchConfig()
+    job = _cli_job("--quick", "--link", "200mbit", "--ep", "2", "--esp", "2", "--schedules", "tutel", "fsmoe",
+                   "--r", "2", "4", "--mixed", "2/4", "--no-deepspeed", "--reps", "3", "--burst", "262144")
+    assert job.bench.tokens == 256 and job.cluster.link == "200mbit" and (job.parallel.ep, job.parallel.esp) == (2, 2)
+    assert job.bench.schedules == ("tutel", "fsmoe") and job.bench.degrees == (2, 4)
+    assert job.bench.mixed_degrees == ((2, 4),)
+    assert job.bench.deepspeed is False and job.bench.reps == 3 and job.cluster.burst_bytes == 262144
+    assert job.bench.memory is True and job.bench.trace_all is False  # flags left out keep the preset's values
+    assert _cli_job() == layer_bench_recipe()
 
 
 def test_cli_rejects_a_bad_pair_and_a_bad_layout(capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,10 +111,14 @@ def test_cli_rejects_a_bad_pair_and_a_bad_layout(capsys: pytest.CaptureFixture[s
         main(["bench", "layer", "--ep", "3"])
     assert exc.value.code == 2
     assert "ep*esp must divide world_size, got ep=3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "layer", "--ep", "2"])  # the layer benchmark's own rule, before any rank starts
+    assert exc.value.code == 2
+    assert "ep*esp must equal the world size" in capsys.readouterr().err
 
 
 # --- the summary arithmetic, on hand-made samples ----------------------------------------------------------
-def _fake_results(cfg: LayerBenchConfig) -> list[RankResult]:
+def _fake_results(job: JobConfig) -> list[LayerRankResult]:
     samples = {
         "sequential": [3.0, 1.0, 2.0],  # median 2.0
         "fsmoe r=1": [1.6, 1.5, 1.4],  # median 1.5
@@ -97,22 +128,23 @@ def _fake_results(cfg: LayerBenchConfig) -> list[RankResult]:
         "EP AlltoAll": [0.125, 0.1, 0.15],  # inter 4 x 0.125 + 0.2
         "dense GAR": [0.2, 0.2, 0.2],
     }
-    probes = [ProbeInfo("experts fwd+bwd", "compute"), ProbeInfo("gate+order fwd+bwd", "compute"),
-              ProbeInfo("EP AlltoAll", "inter", count=4), ProbeInfo("dense GAR", "inter")]
-    steps = ["sequential", "fsmoe r=1", "fsmoe r=2"]
+    probes = [ProbeInfo(name="experts fwd+bwd", channel="compute"),
+              ProbeInfo(name="gate+order fwd+bwd", channel="compute"),
+              ProbeInfo(name="EP AlltoAll", channel="inter", count=4), ProbeInfo(name="dense GAR", channel="inter")]
+    specs = [ImplSpec("sequential"), ImplSpec("fsmoe", 1, 1), ImplSpec("fsmoe", 2, 2)]
+    times = RoundTimes(samples_s=samples, busy_cpu_s={n: [2.0, 2.0, 2.0] for n in samples}, cpu_count=2)
     out = []
     for rank in range(2):
-        memory = {n: PeakMemory(peak_bytes=(100 + 10 * i + rank) * 2**20, before_bytes=50 * 2**20, method="test")
-                  for i, n in enumerate(steps)}
-        out.append(RankResult(rank=rank, capacity=154, steps=steps, probes=probes, samples_s=samples,
-                              notes={}, skipped={DEEPSPEED: "not installed"}, memory=memory,
-                              busy_cpu_s={n: [2.0, 2.0, 2.0] for n in samples}, cpu_count=2))
+        memory = {s.name: PeakMemory(peak_bytes=(100 + 10 * i + rank) * 2**20, before_bytes=50 * 2**20, method="test")
+                  for i, s in enumerate(specs)}
+        out.append(LayerRankResult(rank=rank, names=[s.name for s in specs], specs=specs, times=times, capacity=154,
+                                   probes=probes, skipped={DEEPSPEED: "not installed"}, memory=memory))
     return out
 
 
 def test_summary_ratios_come_from_the_medians() -> None:
-    cfg = quick_layer_config(schedules=("sequential", "fsmoe"), degrees=(1, 2), mixed_degrees=())
-    p = summarize(cfg, _fake_results(cfg), cluster={"description": "test", "shaped": True})
+    job = _quick(**{"bench.schedules": ("sequential", "fsmoe"), "bench.mixed_degrees": ()})
+    p = summarize(job, _fake_results(job), cluster={"description": "test", "shaped": True})
     rows = {r["name"]: r for r in p["implementations"]}
     assert rows["sequential"]["median_s"] == 2.0 and rows["fsmoe r=2"]["median_s"] == 1.1
     assert p["best_fsmoe"] == "fsmoe r=2"
@@ -129,29 +161,32 @@ def test_summary_ratios_come_from_the_medians() -> None:
     by_name = {t["name"]: t for t in p["targets"]}
     assert by_name["fsmoe r=2 / lower bound"]["value"] == pytest.approx(1.1 / 0.9)
     assert by_name["fsmoe r=2 / lower bound"]["met"] is False
+    assert p["job"]["bench"]["tokens"] == 256 and p["job"]["parallel"]["ep"] == 4  # the job, by section
 
 
 # --- one quick run on 2 loopback ranks ----------------------------------------------------------------------
 def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out, trace = tmp_path / "layer.json", tmp_path / "trace.json"
-    cfg = quick_layer_config(launcher="local", nodes=1, procs_per_node=2, ep=2, degrees=(1, 2),
-                             mixed_degrees=((1, 2),), out=str(out), trace=str(trace), timeout_s=120)
-    payload = run_layer_bench(cfg)
+    out, trace = tmp_path / "out", tmp_path / "trace.json"
+    job = _quick(**{"cluster.launcher": "local", "parallel.nproc": 2, "parallel.procs_per_node": 2,
+                    "parallel.ep": 2, "bench.degrees": (1, 2), "bench.mixed_degrees": ((1, 2),), "run.out": str(out),
+                    "run.trace": str(trace), "bench.timeout_s": 120.0})
+    payload = run_layer_bench(job)
     printed = capsys.readouterr().out
     assert "| implementation | median s |" in printed and "Lower bound" in printed
-    data = json.loads(out.read_text())
+    data = json.loads((out / "layer.json").read_text())
     assert data == json.loads(json.dumps(payload))  # what was returned is what was written
+    assert load_toml(out / "job.toml") == job  # the resolved job, round-tripped
     assert data["benchmark"] == "layer" and data["cluster"]["shaped"] is False
-    assert data["config"]["ep"] == 2 and data["capacity"] >= 1
+    assert data["job"]["parallel"]["ep"] == 2 and data["capacity"] >= 1
 
     rows = {r["name"]: r for r in data["implementations"]}
-    requested = [i.name for i in cfg.impls()]
+    requested = [i.name for i in layer_impls(job)]
     for name in requested:  # every implementation has a time, or (DeepSpeed only) a reason it did not run
         if name == DEEPSPEED and name in data["skipped"]:
             assert data["skipped"][name]
             continue
         r = rows[name]
-        assert len(r["samples_s"]) == cfg.reps and all(s > 0 for s in r["samples_s"])
+        assert len(r["samples_s"]) == job.bench.reps and all(s > 0 for s in r["samples_s"])
         assert r["median_s"] == pytest.approx(statistics.median(r["samples_s"]))
         assert r["extra_mem_mb"] is not None and len(r["peak_mem_mb_per_rank"]) == 2
     assert set(rows) <= set(requested)
@@ -178,7 +213,7 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     assert {"forward", "backward"} <= {e["name"] for e in events}
     assert any(e["name"].startswith("expert[") for e in events)  # the pipeline's own tasks
     assert data["trace_files"] == [str(trace)]
-    assert Path(cfg.chart_path()).exists() == HAS_MATPLOTLIB
+    assert (out / "layer.png").exists() == HAS_MATPLOTLIB
 
 
 def test_script_is_the_cli(tmp_path: Path) -> None:
@@ -192,13 +227,13 @@ def test_script_is_the_cli(tmp_path: Path) -> None:
 
 
 def test_deepspeed_missing_or_unable_gives_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
     from fsmoe.bench.deepspeed_peer import build_deepspeed_step
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     monkeypatch.setitem(sys.modules, "deepspeed.moe.layer", None)
-    work = SimpleNamespace(cfg=LayerBenchConfig())
+    work = SimpleNamespace(job=layer_bench_recipe())
     assert "DeepSpeed is not installed" in build_deepspeed_step(work, 1)  # type: ignore[arg-type]
-    work = SimpleNamespace(cfg=LayerBenchConfig(gate="expert_choice"))
+    work = SimpleNamespace(job=_job(**{"moe.gate": "expert_choice"}))
     assert "only top-k softmax gating" in build_deepspeed_step(work, 1)  # type: ignore[arg-type]
+    work = SimpleNamespace(job=_job(**{"moe.capacity_factor": None}))
+    assert "fixed capacity factor" in build_deepspeed_step(work, 1)  # type: ignore[arg-type]

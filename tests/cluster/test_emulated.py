@@ -32,6 +32,7 @@ from fsmoe.cluster import (
 )
 from fsmoe.cluster.linkcheck import LinkTiming, measure_links
 from fsmoe.cluster.netns import namespace_pids
+from fsmoe.cluster.ranks import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 _REASON = check_privileges()
@@ -48,14 +49,6 @@ def _our_namespaces() -> list[str]:
 def _root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -176,14 +169,14 @@ def test_signal_to_the_launcher_removes_everything(sig: signal.Signals) -> None:
     child.wait(timeout=20)
     assert child.returncode != 0
     assert not list_namespaces(tag + "-")
-    assert not any(_alive(p) for p in ranks)
+    assert not any(pid_alive(p) for p in ranks)
 
 
 def test_sigkilled_launcher_kills_its_ranks_and_cleanup_stale_removes_the_leftovers() -> None:
     child, tag, ranks = _start_child()
     child.kill()
     child.wait(timeout=10)
-    _wait_for(lambda: not any(_alive(p) for p in ranks), 10, "the ranks to die with their launcher")
+    _wait_for(lambda: not any(pid_alive(p) for p in ranks), 10, "the ranks to die with their launcher")
     assert len(list_namespaces(tag + "-")) == 3  # nobody was left to delete them
     removed = cleanup_stale()
     assert {f"{tag}-hub", f"{tag}-n0", f"{tag}-n1"} <= set(removed)

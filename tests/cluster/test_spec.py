@@ -20,9 +20,8 @@ from fsmoe.cluster import (
     parse_rate,
 )
 from fsmoe.cluster import launcher as launcher_mod
-from fsmoe.cluster.launcher import _exit_status, _target_of
 from fsmoe.cluster.netns import plan_topology
-from fsmoe.cluster.worker import resolve
+from fsmoe.cluster.ranks import exit_status, resolve, target_of
 
 
 @pytest.mark.parametrize(
@@ -134,7 +133,7 @@ def test_emulated_cluster_refuses_use_outside_with() -> None:
 
 
 def test_exit_status_maps_signals_like_a_shell() -> None:
-    assert _exit_status(0) == 0 and _exit_status(3) == 3 and _exit_status(-9) == 137
+    assert exit_status(0) == 0 and exit_status(3) == 3 and exit_status(-9) == 137
 
 
 def _module_level(rank: int, world_size: int) -> int:
@@ -142,11 +141,11 @@ def _module_level(rank: int, world_size: int) -> int:
 
 
 def test_worker_targets_resolve_to_the_function() -> None:
-    target = _target_of(_module_level)
+    target = target_of(_module_level)
     assert target == f"{__name__}:_module_level"
     assert resolve(target) is _module_level
     with pytest.raises(TypeError, match="importable"):
-        _target_of(lambda r, w: r)
+        target_of(lambda r, w: r)
     with pytest.raises(ValueError, match="MODULE:FUNCTION"):
         resolve("no_colon")
 

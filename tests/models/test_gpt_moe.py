@@ -8,20 +8,20 @@ import math
 import pytest
 import torch
 
-from fsmoe.models import GPTMoE, GPTMoEConfig, ModelOutput, gpt2_moe_small, gpt2_moe_tiny, model_preset
-from fsmoe.moe.config import GATE_NAMES, MoEConfig
+from fsmoe.config import GATE_NAMES, ModelConfig, MoEConfig, gpt2_moe_small, gpt2_moe_tiny, model_preset
+from fsmoe.models import GPTMoE, ModelOutput
 from fsmoe.moe.layer import MoELayer
 
 
-def small_cfg(**overrides: object) -> GPTMoEConfig:
-    base = GPTMoEConfig(
+def small_cfg(**overrides: object) -> ModelConfig:
+    base = ModelConfig(
         seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64,
         moe=MoEConfig(num_experts=4, top_k=2, d_hidden=32),
     )
     return dataclasses.replace(base, **overrides)
 
 
-def model_for(cfg: GPTMoEConfig, seed: int = 0) -> GPTMoE:
+def model_for(cfg: ModelConfig, seed: int = 0) -> GPTMoE:
     torch.manual_seed(seed)
     return GPTMoE(cfg)
 
@@ -151,8 +151,8 @@ def test_presets() -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"d_model": 30, "n_heads": 4}, "divisible by n_heads"), ({"moe_every": 0}, "moe_every must be >= 1"),
-     ({"dropout": 1.0}, "dropout"), ({"n_layers": 0}, "n_layers must be >= 1")],
+    [({"d_model": 30, "n_heads": 4}, "divisible by n_heads"), ({"moe_every": 0}, "moe_every must be an int >= 1"),
+     ({"dropout": 1.0}, "dropout"), ({"n_layers": 0}, "n_layers must be an int >= 1")],
 )
 def test_config_validation(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

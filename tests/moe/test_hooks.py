@@ -5,11 +5,13 @@ Legend: T tokens, D model dim, E experts, C capacity slots.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from fsmoe.moe import MoEConfig, MoEHook, MoELayer
-from fsmoe.moe.hooks import HOOK_POINTS
+from fsmoe.moe.hooks import BLOCK_POINTS, HOOK_POINTS, NO_HOOKS, HookChain, overrides
 
 T, D, H, E = 12, 8, 16, 4
 
@@ -27,33 +29,18 @@ def data(seed: int = 1) -> torch.Tensor:
 
 
 class Recorder(MoEHook):
-    """Logs (tag, point, shape) at every hook point and passes the tensor through untouched."""
+    """Logs (tag, point, shape) at every hook point and passes the tensor through untouched (each point
+    an instance attribute, which the layer calls like a method)."""
 
     def __init__(self, tag: str, log: list) -> None:
         self.tag, self.log = tag, log
+        for point in HOOK_POINTS:
+            setattr(self, point, partial(self._rec, point))
 
     def _rec(self, point: str, layer: MoELayer, t: torch.Tensor) -> torch.Tensor:
         assert isinstance(layer, MoELayer)
         self.log.append((self.tag, point, tuple(t.shape)))
         return t
-
-    def before_moe_start(self, layer, x_TD):
-        return self._rec("before_moe_start", layer, x_TD)
-
-    def before_dispatch(self, layer, x_ECD):
-        return self._rec("before_dispatch", layer, x_ECD)
-
-    def after_dispatch(self, layer, x_ECD):
-        return self._rec("after_dispatch", layer, x_ECD)
-
-    def before_combine(self, layer, y_ECD):
-        return self._rec("before_combine", layer, y_ECD)
-
-    def after_combine(self, layer, y_ECD):
-        return self._rec("after_combine", layer, y_ECD)
-
-    def before_moe_end(self, layer, y_TD):
-        return self._rec("before_moe_end", layer, y_TD)
 
 
 class Scale(MoEHook):
@@ -161,3 +148,20 @@ def test_after_dispatch_changes_reach_the_experts():
                 if t < T:
                     want[t] += r.weight_EC[e, c] * f0_ED[e]
     torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chain_runs_its_hooks_in_order_and_knows_which_act_inside_the_block():
+    class Inner(MoEHook):
+        def before_combine(self, layer, y_ECD):
+            return y_ECD + 1
+
+    layer = build()
+    chain = HookChain(layer=layer, hooks=(Scale("before_combine", 2.0), Inner(), Recorder("r", [])))
+    t = torch.ones(2)
+    torch.testing.assert_close(chain("before_combine", t), torch.full((2,), 3.0))  # (1·2) + 1
+    torch.testing.assert_close(chain("after_combine", t), t)
+    assert [overrides(Inner(), p) for p in HOOK_POINTS] == [p == "before_combine" for p in HOOK_POINTS]
+    assert not any(overrides(MoEHook(), p) for p in HOOK_POINTS)
+    assert chain.overriding(BLOCK_POINTS) == list(chain.hooks)  # instance attributes count too
+    assert HookChain(layer=layer, hooks=(Scale("before_dispatch", 2.0),)).overriding(BLOCK_POINTS) == []
+    assert NO_HOOKS("before_moe_end", t) is t

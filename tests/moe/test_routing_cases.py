@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fsmoe.moe import EinsumOrder, IndexOrder, MoEConfig, Routing, build_gate
+from fsmoe.moe import EinsumOrder, IndexOrder, MoEConfig, Routing, build_gate, fit_capacity
 
 D = 8
 
@@ -251,6 +251,23 @@ def test_capacity_rounding_and_clipping(kw, capacity, kept):
     assert slots(r)[1:] == [[], [], []]
     assert int(r.num_dropped) == 6 - kept
     assert_empty_slots_are_empty(r)
+
+
+@pytest.mark.parametrize(
+    "capacity,kw,fitted",
+    [
+        (5, dict(), 5),
+        (0, dict(), 1),  # never below one slot
+        (1, dict(minimum=3), 3),
+        (9, dict(maximum=6), 6),
+        (9, dict(maximum=0), 1),  # an empty group still gets one slot
+        (6, dict(maximum=6, multiple=4), 8),  # clamped, then rounded past the maximum
+        (7, dict(multiple=7), 7),
+        (5, dict(multiple=2), 6),  # what a pipeline of lcm(r_fwd, r_bwd) = 2 asks of the layer
+    ],
+)
+def test_fit_capacity_clamps_then_rounds(capacity, kw, fitted):
+    assert fit_capacity(capacity, **kw) == fitted
 
 
 # --------------------------------------------------------------------------------------------------

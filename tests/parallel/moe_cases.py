@@ -15,17 +15,30 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.moe import MoEConfig, MoELayer
-from fsmoe.moe.dispatch import build_dispatcher
 from fsmoe.moe.experts import shard_index
 from fsmoe.parallel.dims import ParallelDims, build_groups
-from fsmoe.schedule.pipelined import Pipeline
-from fsmoe.schedule.schedules import get_schedule
+from fsmoe.parallel.dispatch import build_dispatcher
+from fsmoe.parallel.parallelize import apply_pipeline
 
 T, D, H, E = 12, 8, 16, 4
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def check_results(per_rank: list[list[tuple[str, dict[str, float]]]], tol: float = 1e-5) -> int:
+    """Assert every error of every rank's cases is within ``tol`` (listing the first failures); returns
+    how many (rank, case) results were checked."""
+    failures, checked = [], 0
+    for rank, results in enumerate(per_rank):
+        for case, errs in results:
+            checked += 1
+            bad = {k: v for k, v in errs.items() if not v <= tol}
+            if bad:
+                failures.append(f"rank {rank} {case}: {bad}")
+    assert not failures, "\n".join(failures[:20])
+    return checked
 
 
 def layer_vs_reference(
@@ -62,7 +75,7 @@ def layer_vs_reference(
 
         layer = MoELayer.from_config(cfg, D, dispatcher=built[disp_name])
         if pipe is not None:
-            layer.pipeline = Pipeline(get_schedule(pipe[0]), r_fwd=pipe[1], r_bwd=pipe[2])
+            apply_pipeline(layer, pipe[0], (pipe[1], pipe[2]))
         layer.gate.load_state_dict(ref.gate.state_dict())
         e_local, h_local = layer.experts.num_local, layer.experts.d_hidden
         layer.experts.load_shard(ref.experts, coords.ep * e_local, coords.esp * h_local)

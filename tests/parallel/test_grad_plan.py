@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsmoe.models.gpt_moe import GPTMoE, GPTMoEConfig
-from fsmoe.moe.config import MoEConfig
+from fsmoe.config import ModelConfig, MoEConfig
+from fsmoe.models.gpt_moe import GPTMoE
 from fsmoe.parallel.grad_plan import TAIL, GradientPlan, PlannedGradSync, greedy_plan, parse_plan
 from fsmoe.parallel.parallelize import attach_gradient_plan, gpt_gradient_stream
 
 
 def _model(tie: bool = True) -> GPTMoE:
     torch.manual_seed(0)
-    cfg = GPTMoEConfig(seq_len=8, d_model=8, n_layers=4, n_heads=2, d_ff=16, tie_embeddings=tie,
+    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=4, n_heads=2, d_ff=16, tie_embeddings=tie,
                        moe=MoEConfig(num_experts=2, top_k=1, d_hidden=8))
     return GPTMoE(cfg)
 

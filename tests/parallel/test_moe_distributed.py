@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from fsmoe.config import DISPATCHER_NAMES, GATE_NAMES
 from tests.dist_utils import run_distributed
-from tests.parallel.moe_cases import layer_vs_reference
-
-ALL_GATES = ("gshard", "switch", "sigmoid", "xmoe", "expert_choice", "softmoe")
-DISPATCHERS = ("a2a", "2dh", "1dh")
+from tests.parallel.moe_cases import check_results, layer_vs_reference
 
 LAYOUTS = {
     # name: (world, procs_per_node, ep, esp)
@@ -24,16 +22,7 @@ LAYOUTS = {
 def test_layer_matches_single_process(layout: str) -> None:
     world, ppn, ep, esp = LAYOUTS[layout]
     per_rank = run_distributed(
-        layer_vs_reference, world, ppn=ppn, ep=ep, esp=esp, dispatchers=DISPATCHERS, gates=ALL_GATES,
+        layer_vs_reference, world, ppn=ppn, ep=ep, esp=esp, dispatchers=DISPATCHER_NAMES, gates=GATE_NAMES,
         timeout=240,
     )
-    failures = []
-    checked = 0
-    for rank, results in enumerate(per_rank):
-        for case, errs in results:
-            checked += 1
-            bad = {k: v for k, v in errs.items() if not v <= 1e-5}
-            if bad:
-                failures.append(f"rank {rank} {case}: {bad}")
-    assert checked > 0
-    assert not failures, "\n".join(failures[:20])
+    assert check_results(per_rank, tol=1e-5) > 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fsmoe.config import SCHEDULES, check_degrees, get_schedule
 from fsmoe.schedule.ir import Task, check_tasks, format_tasks
-from fsmoe.schedule.schedules import SCHEDULES, backward_tasks, check_degrees, forward_tasks, get_schedule
+from fsmoe.schedule.schedules import backward_tasks, forward_tasks
 
 
 def test_fsmoe_forward_issue_order_batches_dispatch_then_experts_then_combines() -> None:
@@ -69,7 +70,7 @@ def test_degree_rules() -> None:
         check_degrees(get_schedule("tutel"), 2, 4)
     with pytest.raises(ValueError, match="does not pipeline"):
         check_degrees(get_schedule("sequential"), 2, 2)
-    with pytest.raises(ValueError, match="r_bwd must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="r_bwd must be an int >= 1, got 0"):
         check_degrees(get_schedule("fsmoe"), 1, 0)
     with pytest.raises(ValueError, match="unknown schedule 'nope'; choose one of sequential"):
         get_schedule("nope")
@@ -77,11 +78,11 @@ def test_degree_rules() -> None:
 
 def test_check_tasks_rejects_bad_lists() -> None:
     with pytest.raises(ValueError, match="not issued before"):
-        check_tasks([Task("expert", 0, "compute", (("gather", 0),))])
+        check_tasks([Task(kind="expert", chunk=0, channel="compute", deps=(("gather", 0),))])
     with pytest.raises(ValueError, match="unknown channel"):
-        check_tasks([Task("expert", 0, "gpu")])
+        check_tasks([Task(kind="expert", chunk=0, channel="gpu")])
     with pytest.raises(ValueError, match="issued twice"):
-        check_tasks([Task("expert", 0, "compute"), Task("expert", 0, "compute")])
+        check_tasks([Task(kind="expert", chunk=0, channel="compute")] * 2)
 
 
 def test_text_timeline_has_one_row_per_task_in_its_channel_column() -> None:

@@ -8,9 +8,9 @@ import itertools
 
 import pytest
 
-from fsmoe.schedule.schedules import SCHEDULES
+from fsmoe.config import DISPATCHER_NAMES, SCHEDULES
 from tests.dist_utils import run_distributed
-from tests.parallel.moe_cases import layer_vs_reference
+from tests.parallel.moe_cases import check_results, layer_vs_reference
 
 DEGREES = (1, 2, 4)
 
@@ -36,15 +36,7 @@ def test_every_schedule_matches_single_process(layout: str) -> None:
     pipelines = _pipelines()
     assert len(pipelines) == 28
     per_rank = run_distributed(
-        layer_vs_reference, world, ppn=ppn, ep=ep, esp=esp, dispatchers=("a2a", "2dh", "1dh"),
+        layer_vs_reference, world, ppn=ppn, ep=ep, esp=esp, dispatchers=DISPATCHER_NAMES,
         gates=("gshard",), capacity_factors=(1.0,), pipelines=pipelines, channels=2, timeout=300,
     )
-    failures, checked = [], 0
-    for rank, results in enumerate(per_rank):
-        for case, errs in results:
-            checked += 1
-            bad = {k: v for k, v in errs.items() if not v <= 1e-5}
-            if bad:
-                failures.append(f"rank {rank} {case}: {bad}")
-    assert checked == world * 3 * 2 * len(pipelines)
-    assert not failures, "\n".join(failures[:20])
+    assert check_results(per_rank, tol=1e-5) == world * 3 * 2 * len(pipelines)

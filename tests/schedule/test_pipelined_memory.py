@@ -17,13 +17,14 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fsmoe.config import get_schedule
 from fsmoe.moe import MoEConfig, MoELayer
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import build_experts
+from fsmoe.parallel.parallelize import apply_pipeline, remove_pipeline
 from fsmoe.schedule.ir import Task
-from fsmoe.schedule.pipelined import Pipeline, pipelined_experts
+from fsmoe.schedule.pipelined import Pipeline
 from fsmoe.schedule.runtime import Runtime
-from fsmoe.schedule.schedules import get_schedule
 
 T, D, H, E = 512, 32, 128, 2
 DEGREES = [(1, 1), (2, 2), (4, 4), (2, 4), (4, 2), (1, 4), (4, 1)]
@@ -68,8 +69,11 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+FSMOE = get_schedule("fsmoe")
+
+
 def _pipe(r_fwd: int, r_bwd: int) -> Pipeline:
-    return Pipeline(get_schedule("fsmoe"), r_fwd, r_bwd, runtime=InlineRuntime({"inter": "inter", "intra": "intra"}))
+    return Pipeline(spec=FSMOE, r_fwd=r_fwd, r_bwd=r_bwd, runtime=InlineRuntime.for_schedule(FSMOE))
 
 
 @pytest.mark.parametrize(("r_fwd", "r_bwd"), DEGREES)
@@ -81,7 +85,7 @@ def test_forward_keeps_exactly_the_per_slot_stash(r_fwd: int, r_bwd: int) -> Non
     experts = build_experts("ffn", E, D, H)
     x_ECD = torch.randn(E, C, D, requires_grad=True)
     with LiveBytes(ignore=[x_ECD, *experts.parameters()]) as mem:
-        y_ECD = pipelined_experts(x_ECD, _pipe(r_fwd, r_bwd), Dispatcher(), experts)
+        y_ECD = _pipe(r_fwd, r_bwd)(x_ECD, Dispatcher(), experts)
     stash = y_ECD.grad_fn.stash
     saved = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for piece in stash.pieces for t in piece}
     assert sum(saved.values()) == E * C * (D + H) * 4
@@ -91,10 +95,13 @@ def test_forward_keeps_exactly_the_per_slot_stash(r_fwd: int, r_bwd: int) -> Non
     assert stash.pieces == [()] * r_fwd, "backward left some forward chunk's stash alive"
 
 
-def _peak(layer: MoELayer, pipe: Pipeline | None) -> int:
+def _peak(layer: MoELayer, degrees: tuple[int, int] | None) -> int:
     torch.manual_seed(1)
     x, dy = torch.randn(T, D, requires_grad=True), torch.randn(T, D)
-    layer.pipeline = pipe
+    if degrees is None:
+        remove_pipeline(layer)
+    else:
+        apply_pipeline(layer, FSMOE, degrees, InlineRuntime.for_schedule(FSMOE))
     layer.zero_grad(set_to_none=True)
     with LiveBytes(ignore=[x, dy, *layer.parameters(), *layer.buffers()]) as mem:
         y = layer(x)
@@ -110,7 +117,7 @@ def test_peak_within_1_1x_of_the_unpipelined_layer(expert: str) -> None:
     cfg = MoEConfig(num_experts=E, top_k=2, d_hidden=H, expert=expert, capacity_factor=1.0)
     layer = MoELayer.from_config(cfg, D)
     base = _peak(layer, None)
-    ratios = {f"{rf}/{rb}": _peak(layer, _pipe(rf, rb)) / base for rf, rb in DEGREES}
+    ratios = {f"{rf}/{rb}": _peak(layer, (rf, rb)) / base for rf, rb in DEGREES}
     assert max(ratios.values()) <= 1.1, ratios
 
 
@@ -118,7 +125,7 @@ def test_second_backward_is_refused() -> None:
     """Backward frees the stash chunk by chunk, so a retained graph cannot be run through again."""
     experts = build_experts("ffn", E, D, H)
     x_ECD = torch.randn(E, 8, D, requires_grad=True)
-    y_ECD = pipelined_experts(x_ECD, _pipe(2, 2), Dispatcher(), experts)
+    y_ECD = _pipe(2, 2)(x_ECD, Dispatcher(), experts)
     y_ECD.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice"):
         y_ECD.sum().backward()
@@ -128,7 +135,7 @@ def test_in_place_change_of_a_saved_input_is_caught() -> None:
     """With one chunk and no communication the stash holds a view of the input, as autograd would."""
     experts = build_experts("ffn", E, D, H)
     x_ECD = torch.randn(E, 8, D)
-    y_ECD = pipelined_experts(x_ECD, _pipe(1, 1), Dispatcher(), experts)
+    y_ECD = _pipe(1, 1)(x_ECD, Dispatcher(), experts)
     x_ECD.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         y_ECD.sum().backward()

@@ -9,9 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from fsmoe.config import SCHEDULES, get_schedule
 from fsmoe.schedule.ir import Task
 from fsmoe.schedule.runtime import Runtime, chrome_trace
-from fsmoe.schedule.schedules import forward_tasks, get_schedule
+from fsmoe.schedule.schedules import forward_tasks, lanes_for
+
+
+def test_lanes_follow_the_channels_the_schedule_puts_its_tasks_on() -> None:
+    for name, spec in SCHEDULES.items():
+        lanes = lanes_for(spec)
+        assert lanes == {"inter": "inter", "intra": "intra" if spec.separate_channels else "inter"}, name
+        for task in forward_tasks(spec, 2):  # every communication task's channel is a lane of its own name
+            assert task.channel == "compute" or lanes[task.channel] == task.channel, (name, task)
+        rt = Runtime.for_schedule(spec, rank=2, trace=True)
+        assert (rt.lanes, rt.rank, rt.trace) == (lanes, 2, True)
 
 
 def test_tasks_respect_dependencies_and_channel_order() -> None:
@@ -25,7 +36,7 @@ def test_tasks_respect_dependencies_and_channel_order() -> None:
                 log.append(f"{name}{chunk}")
         return run
 
-    rt = Runtime({"inter": "inter", "intra": "intra"})
+    rt = Runtime.for_schedule(get_schedule("fsmoe"))
     tasks = forward_tasks(get_schedule("fsmoe"), 3)
     # A slow first AlltoAll: everything of chunk 0 must still wait for it, and inter stays FIFO.
     impls = {k: work(k) for k in ("gather", "expert", "reduce", "combine")}
@@ -58,8 +69,11 @@ def test_one_lane_serialises_intra_and_inter() -> None:
 
 
 def test_a_failing_task_raises_in_the_caller_and_the_lanes_survive() -> None:
-    rt = Runtime({"inter": "inter", "intra": "intra"})
-    tasks = [Task("dispatch", 0, "inter"), Task("expert", 0, "compute", (("dispatch", 0),))]
+    rt = Runtime.for_schedule(get_schedule("fsmoe"))
+    tasks = [
+        Task(kind="dispatch", chunk=0, channel="inter"),
+        Task(kind="expert", chunk=0, channel="compute", deps=(("dispatch", 0),)),
+    ]
 
     def boom(_: int) -> None:
         raise KeyError("lost chunk")
@@ -72,7 +86,7 @@ def test_a_failing_task_raises_in_the_caller_and_the_lanes_survive() -> None:
 
 
 def test_trace_records_every_task_on_its_channel(tmp_path: Path) -> None:
-    rt = Runtime({"inter": "inter", "intra": "intra"}, rank=3, trace=True)
+    rt = Runtime.for_schedule(get_schedule("fsmoe"), rank=3, trace=True)
     tasks = forward_tasks(get_schedule("fsmoe"), 2)
     rt.run(tasks, {k: (lambda c: None) for k in ("dispatch", "gather", "expert", "reduce", "combine")})
     assert sorted((e.name, e.channel) for e in rt.events) == sorted((f"{t.kind}[{t.chunk}]", t.channel) for t in tasks)
@@ -87,12 +101,12 @@ def test_a_collective_listed_after_compute_is_enqueued_before_that_compute_runs(
     # The fsmoe order lists every expert chunk before the first combine; combine[0] depends only on
     # expert[0], so it must be able to run while expert[1] computes (as on a GPU stream). expert[1]
     # here waits for combine[0] to have started: with combine queued only after expert[1] this blocks.
-    rt = Runtime({"inter": "inter", "intra": "intra"})
+    rt = Runtime.for_schedule(get_schedule("fsmoe"))
     combine_started = threading.Event()
     tasks = [
-        Task("expert", 0, "compute"),
-        Task("expert", 1, "compute"),
-        Task("combine", 0, "inter", (("expert", 0),)),
+        Task(kind="expert", chunk=0, channel="compute"),
+        Task(kind="expert", chunk=1, channel="compute"),
+        Task(kind="combine", chunk=0, channel="inter", deps=(("expert", 0),)),
     ]
 
     def expert(c: int) -> None:
@@ -104,11 +118,11 @@ def test_a_collective_listed_after_compute_is_enqueued_before_that_compute_runs(
 
 
 def test_a_failing_compute_task_releases_the_lanes_waiting_on_later_compute() -> None:
-    rt = Runtime({"inter": "inter", "intra": "intra"})
+    rt = Runtime.for_schedule(get_schedule("fsmoe"))
     tasks = [
-        Task("expert", 0, "compute"),
-        Task("expert", 1, "compute"),
-        Task("combine", 1, "inter", (("expert", 1),)),
+        Task(kind="expert", chunk=0, channel="compute"),
+        Task(kind="expert", chunk=1, channel="compute"),
+        Task(kind="combine", chunk=1, channel="inter", deps=(("expert", 1),)),
     ]
     ran: list[str] = []
 
@@ -120,5 +134,5 @@ def test_a_failing_compute_task_releases_the_lanes_waiting_on_later_compute() ->
     with pytest.raises(ValueError, match="bad chunk"):
         rt.run(tasks, {"expert": expert, "combine": lambda c: ran.append(f"combine{c}")})
     # combine[1] was released with the error (it did not run) and the lane still serves new runs
-    rt.run([Task("combine", 2, "inter")], {"combine": lambda c: ran.append(f"combine{c}")})
+    rt.run([Task(kind="combine", chunk=2, channel="inter")], {"combine": lambda c: ran.append(f"combine{c}")})
     assert ran == ["combine2"]

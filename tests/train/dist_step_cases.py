@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from fsmoe.models.gpt_moe import GPTMoEConfig
-from fsmoe.moe.config import MoEConfig
+from fsmoe.config import JobConfig, ModelConfig, MoEConfig, ParallelConfig, ScheduleConfig, TrainConfig
 from fsmoe.moe.experts import shard_index
-from fsmoe.parallel.dims import build_groups
+from fsmoe.parallel.dims import ParallelDims, build_groups
 from fsmoe.parallel.parallelize import reference_grid
-from fsmoe.train.distributed import DistContext, ParallelConfig, clip_grads_
-from fsmoe.train.trainer import TrainConfig, build_grad_sync, build_model, build_optimizer
+from fsmoe.train.distributed import DistContext, clip_grads_
+from fsmoe.train.trainer import build_grad_sync, build_model, build_optimizer
 
 
 def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords, e: int, h: int, mp: int):  # noqa: ANN001
@@ -38,20 +35,22 @@ def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords,
 def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int, esp: int,
                             schedules: tuple[tuple[str, int, int] | tuple[str, int, int, str], ...],
                             expert: str = "ffn") -> list[tuple[str, dict, list[str]]]:
-    model_cfg = GPTMoEConfig(
+    model_cfg = ModelConfig(
         seq_len=16, d_model=16, n_layers=2, n_heads=4, d_ff=32,
         moe=MoEConfig(num_experts=4, top_k=2, d_hidden=32, expert=expert, capacity_factor=1.0),
     )
     results = []
     groups = None
     for sched, r_fwd, r_bwd, *plan in schedules:
-        par = ParallelConfig(nproc=world, procs_per_node=ppn, mp=mp, ep=ep, esp=esp, schedule=sched,
-                             r_fwd=r_fwd, r_bwd=r_bwd, gar_plan=plan[0] if plan else None)
-        cfg = TrainConfig(model=model_cfg, batch_size=4, parallel=par, lr=1e-2, grad_clip=0.5, warmup=0)
+        par = ParallelConfig(nproc=world, procs_per_node=ppn, mp=mp, ep=ep, esp=esp)
+        sched_cfg = ScheduleConfig(name=sched, r_fwd=r_fwd, r_bwd=r_bwd, gar_plan=plan[0] if plan else None)
+        train_cfg = TrainConfig(batch_size=4, lr=1e-2, grad_clip=0.5, lr_warmup=0)
+        job = JobConfig(model=model_cfg, parallel=par, train=train_cfg, schedule=sched_cfg)
+        cfg = job.train
+        dims = ParallelDims.from_config(par)
         if groups is None:
-            groups = build_groups(par.dims(), channels=2)
+            groups = build_groups(dims, channels=2)
         ctx = DistContext(rank, world, groups)
-        dims = par.dims()
         coords = dims.rank_layout(rank)
 
         gen = torch.Generator().manual_seed(7)
@@ -59,7 +58,8 @@ def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int
         y_BL = torch.randint(0, 256, (cfg.batch_size, model_cfg.seq_len), generator=gen)
 
         # Single-process reference: the same model, each rank's tokens routed as one group.
-        ref = reference_grid(build_model(dataclasses.replace(cfg, parallel=ParallelConfig()), None),
+        single = job.replace(parallel=ParallelConfig(), schedule=ScheduleConfig())
+        ref = reference_grid(build_model(single, None),
                              dims.dense_dp, mp)
         out = ref(x_BL, y_BL)
         (out.loss + out.aux_loss).backward()
@@ -72,8 +72,8 @@ def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int
         ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
 
         # Distributed step, exactly as the trainer does it.
-        model = build_model(cfg, ctx)
-        sync = build_grad_sync(model, cfg, ctx)
+        model = build_model(job, ctx)
+        sync = build_grad_sync(model, job, ctx)
         rows = cfg.batch_size // dims.dense_dp
         mine = slice(coords.dp * rows, (coords.dp + 1) * rows)
         out_d = model(x_BL[mine], y_BL[mine])

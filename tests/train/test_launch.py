@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from fsmoe.cli import main
-from fsmoe.models.gpt_moe import gpt2_moe_tiny
-from fsmoe.train.distributed import ParallelConfig, launch
-from fsmoe.train.trainer import TrainConfig
+from fsmoe.config import JobConfig, ParallelConfig, TrainConfig, gpt2_moe_tiny
+from fsmoe.train.distributed import launch
 
 
 def test_cli_runs_two_ranks_with_expert_parallelism(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,13 +42,17 @@ def test_failing_rank_stops_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ({"nproc": 4, "procs_per_node": 3}, "procs_per_node=3 must divide world_size=4"),
         ({"nproc": 4, "procs_per_node": 1, "esp": 2}, r"esp=2 must divide procs_per_node=1"),
         ({"nproc": 4, "ep": 3}, r"ep\*esp must divide world_size"),
-        ({"nproc": 2, "schedule": "tutel", "r_fwd": 2, "r_bwd": 4}, "r_fwd=2 != r_bwd=4"),
         ({"nproc": 2, "dispatcher": "ring"}, "unknown dispatcher 'ring'; choose one of a2a, 2dh, 1dh"),
     ],
 )
 def test_bad_layouts_are_refused_with_the_numbers(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ParallelConfig(**kwargs)
+
+
+def test_bad_degrees_are_refused_with_the_numbers() -> None:
+    with pytest.raises(ValueError, match="r_fwd=2 != r_bwd=4"):
+        JobConfig().with_overrides({"schedule.name": "tutel", "schedule.r_fwd": 2, "schedule.r_bwd": 4})
 
 
 def _tiny(d_hidden: int = 256):  # noqa: ANN202
@@ -69,15 +72,16 @@ def _tiny(d_hidden: int = 256):  # noqa: ANN202
 )
 def test_model_must_fit_the_layout(parallel: ParallelConfig, d_hidden: int, message: str | None) -> None:
     if message is None:
-        TrainConfig(parallel=parallel, model=_tiny(d_hidden))
+        JobConfig(parallel=parallel, model=_tiny(d_hidden))
     else:
         with pytest.raises(ValueError, match=message):
-            TrainConfig(parallel=parallel, model=_tiny(d_hidden))
+            JobConfig(parallel=parallel, model=_tiny(d_hidden))
 
 
 def test_batch_must_split_over_data_parallel_ranks() -> None:
+    job = JobConfig(parallel=ParallelConfig(nproc=4, ep=2, procs_per_node=4), train=TrainConfig(batch_size=6))
     with pytest.raises(ValueError, match="global batch 6 is not divisible by the dense data-parallel degree 4"):
-        TrainConfig(parallel=ParallelConfig(nproc=4, ep=2, procs_per_node=4), batch_size=6)
+        job.check_training()
 
 
 def test_cli_refuses_a_bad_layout_before_starting_ranks(capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,3 +89,7 @@ def test_cli_refuses_a_bad_layout_before_starting_ranks(capsys: pytest.CaptureFi
         main(["train", "--nproc", "4", "--ep", "3", "--steps", "1"])
     assert exc.value.code == 2
     assert "ep*esp must divide world_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--nproc", "4", "--batch-size", "6", "--steps", "1"])
+    assert exc.value.code == 2
+    assert "global batch 6 is not divisible by the dense data-parallel degree 4" in capsys.readouterr().err

@@ -1,0 +1,541 @@
+"""The job's sections, :class:`JobConfig` with its cross-section rules and overrides, the flag vocabulary
+(:func:`flag_specs`, :func:`coerce`), model presets and the commands' recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsmoe.config.values import (
+    DISPATCHER_NAMES,
+    DROP_POLICIES,
+    EXPERT_NAMES,
+    GATE_NAMES,
+    LAUNCHERS,
+    MODEL_NAMES,
+    NOISY_GATES,
+    ORDER_NAMES,
+    SCHEDULES,
+    check_at_least,
+    check_choice,
+    check_degrees,
+    choice_parser,
+    get_schedule,
+    opt,
+    optional_parser,
+    parse_bool,
+    parse_degree_pair,
+    parse_rate,
+)
+
+
+# --- sections -----------------------------------------------------------------------------------------------
+@dataclass(kw_only=True, frozen=True)
+class MoEConfig:
+    """Everything needed to build an :class:`~fsmoe.moe.layer.MoELayer` for model dim D.
+
+    ``capacity_factor`` is the paper's f: each expert has C = ceil(k·f·T/E) slots per routing group
+    (T tokens in the group). ``None`` means no token is ever dropped (C = the busiest expert's load).
+    """
+
+    num_experts: int = opt(4, "number of experts E", flag="--experts", parse=int)
+    top_k: int = opt(2, "experts per token k (the switch gate is top-1)", parse=int)
+    d_hidden: int = opt(256, "expert hidden dim H", flag="--hidden", parse=int)
+    gate: str = opt("gshard", "router", parse=choice_parser("gate", GATE_NAMES))
+    order: str = opt("index", "token layout implementation", parse=choice_parser("order", ORDER_NAMES))
+    expert: str = opt("ffn", "expert network", parse=choice_parser("expert", EXPERT_NAMES))
+    capacity_factor: float | None = opt(1.25, "capacity factor f, or 'none' for no token dropping",
+                                        parse=optional_parser(float))
+    min_capacity: int = opt(0, "lower bound on the capacity C per expert", parse=int)
+    capacity_multiple: int = opt(1, "C is rounded up to a multiple of this (pipelining pads to lcm(r_fwd, r_bwd))",
+                                 parse=int)
+    drop_policy: str = opt("position", "who keeps a slot when an expert is full",
+                           parse=choice_parser("drop policy", DROP_POLICIES))
+    renormalize: bool = opt(False, "divide each token's kept weights by their sum", parse=parse_bool)
+    noisy: bool = opt(False, "GShard noisy gating (in training only)", parse=parse_bool)
+    aux_loss_coef: float = opt(0.01, "load-balancing loss weight", parse=float)
+    z_loss_coef: float = opt(0.0, "router z-loss weight", parse=float)
+    xmoe_dim: int = opt(16, "X-MoE low-rank routing dimension", parse=int)
+    softmoe_slots: int = opt(1, "SoftMoE slots per expert", parse=int)
+
+    def __post_init__(self) -> None:
+        check_choice("gate", self.gate, GATE_NAMES)
+        check_choice("order", self.order, ORDER_NAMES)
+        check_choice("expert", self.expert, EXPERT_NAMES)
+        check_choice("drop policy", self.drop_policy, DROP_POLICIES)
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.gate not in ("expert_choice", "softmoe") and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k must satisfy 1 <= k <= E, got k={self.top_k} with E={self.num_experts} experts"
+            )
+        if self.gate == "expert_choice" and self.top_k < 1:
+            raise ValueError(f"top_k is the average experts per token; got k={self.top_k} (expert_choice needs k >= 1)")
+        if self.noisy and self.gate not in NOISY_GATES:
+            raise ValueError(f"noisy gating applies to the {', '.join(NOISY_GATES)} gates, not {self.gate!r}")
+        if self.gate == "switch" and self.top_k != 1:
+            raise ValueError(f"the switch gate is top-1, got top_k={self.top_k}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (or None for no dropping), got {self.capacity_factor}")
+        if self.gate == "expert_choice" and self.capacity_factor is None:
+            raise ValueError("the expert_choice gate needs a capacity_factor (each expert picks C tokens)")
+        for name in ("d_hidden", "capacity_multiple", "xmoe_dim", "softmoe_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig:
+    """Shape of the GPT-MoE model. ``moe`` configures every MoE layer; ``d_ff`` is the dense MLPs'
+    hidden size; block i (0-based) is MoE when ``(i + 1) % moe_every == 0`` (``moe_every > n_layers``:
+    a purely dense model). ``name`` is the preset it started from (:data:`MODEL_PRESETS`)."""
+
+    name: str = opt("tiny", "model preset (its sizes; the flags below override them)", flag="--model",
+                    parse=choice_parser("model preset", MODEL_NAMES))
+    vocab_size: int = opt(256, "vocabulary size (256: bytes)", parse=int)
+    seq_len: int = opt(128, "sequence length L", parse=int)
+    d_model: int = opt(128, "model dim D", parse=int)
+    n_layers: int = opt(4, "transformer blocks", parse=int)
+    n_heads: int = opt(4, "attention heads", parse=int)
+    d_ff: int = opt(512, "dense MLP hidden size", parse=int)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe_every: int = opt(2, "block i is MoE when (i+1) %% N == 0", parse=int)
+    dropout: float = opt(0.0, "dropout probability", parse=float)
+    tie_embeddings: bool = opt(True, "share the input embedding and the output head", parse=parse_bool)
+
+    def __post_init__(self) -> None:
+        check_choice("model preset", self.name, tuple(MODEL_PRESETS))
+        check_at_least(self, 1, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "moe_every")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block ``i`` (0-based) uses an MoE layer instead of the dense MLP."""
+        return (i + 1) % self.moe_every == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+
+def gpt2_moe_tiny() -> ModelConfig:
+    """About 1.1M parameters; ``make run`` trains it on 4 CPU ranks in a few minutes. Each expert's
+    hidden size is half the dense MLP's, so with top-2 routing an MoE layer does about the same FLOPs
+    per token as the dense MLP it replaces."""
+    return ModelConfig(name="tiny", seq_len=128, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+                       moe=MoEConfig(num_experts=4, top_k=2, d_hidden=256, capacity_factor=1.25))
+
+
+def gpt2_moe_small() -> ModelConfig:
+    """GPT-2 small's dense dimensions (12 layers, D=768, 12 heads, L=1024) with 8 experts, top-2, in
+    every second block: about 284M parameters. Sized for a GPU."""
+    return ModelConfig(name="small", seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                       moe=MoEConfig(num_experts=8, top_k=2, d_hidden=3072, capacity_factor=1.25))
+
+
+MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {"tiny": gpt2_moe_tiny, "small": gpt2_moe_small}
+assert tuple(MODEL_PRESETS) == MODEL_NAMES
+
+
+def model_preset(name: str) -> ModelConfig:
+    check_choice("model preset", name, tuple(MODEL_PRESETS))
+    return MODEL_PRESETS[name]()
+
+
+def check_layout(*, world_size: int, procs_per_node: int, mp: int, ep: int, esp: int) -> None:
+    """The rank-layout rules (see :mod:`fsmoe.parallel.dims`): MP and ESP groups are contiguous ranks
+    inside one node, EP × ESP blocks tile the world. ``ValueError`` naming the numbers otherwise."""
+    P, ppn = world_size, procs_per_node
+    if P % ppn:
+        raise ValueError(f"procs_per_node={ppn} must divide world_size={P}")
+    if P % mp:
+        raise ValueError(f"MP degree {mp} does not divide the {P} ranks")
+    for name, size in (("mp", mp), ("esp", esp)):
+        if ppn % size:
+            first = next((list(range(s, s + size)) for s in range(0, P, size) if s // ppn != (s + size - 1) // ppn),
+                         list(range(size)))
+            raise ValueError(
+                f"{name} groups are contiguous ranks inside one node, so {name}={size} must divide "
+                f"procs_per_node={ppn}; group {first} would cross a node boundary"
+            )
+    if P % (ep * esp):
+        raise ValueError(f"ep*esp must divide world_size, got ep={ep} * esp={esp} = {ep * esp} and world_size={P}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """``nproc`` ranks in nodes of ``procs_per_node`` (None: all on one node); degrees ``mp`` (tensor
+    parallel attention with sequence parallelism), ``ep`` (experts), ``esp`` (expert hidden dim); the
+    dense data-parallel degree is nproc / mp. ``dispatcher``: the AlltoAll route of the MoE layers."""
+
+    nproc: int = opt(1, "number of ranks (under torchrun: its WORLD_SIZE, leave it out there)", parse=int)
+    procs_per_node: int | None = opt(None, "ranks per node (decides which groups are intra-node); none: one node",
+                                     parse=optional_parser(int))
+    mp: int = opt(1, "tensor-parallel degree of attention (+ sequence parallelism)", parse=int)
+    ep: int = opt(1, "expert-parallel degree", parse=int)
+    esp: int = opt(1, "expert-sharding degree (each expert's H split across ranks)", parse=int)
+    dispatcher: str = opt("a2a", "AlltoAll algorithm", parse=choice_parser("dispatcher", DISPATCHER_NAMES))
+    timeout_s: float = opt(300.0, "seconds a collective may wait before the process group gives up",
+                           flag="--collective-timeout", parse=float)
+
+    def __post_init__(self) -> None:
+        check_choice("dispatcher", self.dispatcher, DISPATCHER_NAMES)
+        check_at_least(self, 1, "nproc", "mp", "ep", "esp")
+        if self.procs_per_node is not None:
+            check_at_least(self, 1, "procs_per_node")
+        if not self.timeout_s > 0:
+            raise ValueError(f"ParallelConfig: timeout_s must be > 0, got {self.timeout_s}")
+        check_layout(world_size=self.nproc, procs_per_node=self.ppn, mp=self.mp, ep=self.ep, esp=self.esp)
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc > 1
+
+    @property
+    def ppn(self) -> int:
+        """Ranks per node, resolved (all ranks on one node when ``procs_per_node`` is None)."""
+        return self.procs_per_node or self.nproc
+
+    @property
+    def num_nodes(self) -> int:
+        return self.nproc // self.ppn
+
+    @property
+    def dense_dp(self) -> int:
+        return self.nproc // self.mp
+
+
+@dataclass(kw_only=True, frozen=True)
+class ScheduleConfig:
+    """How the MoE blocks are scheduled: one of the six schedules (see :mod:`fsmoe.schedule.schedules`)
+    with its forward and backward pipeline degrees, and the dense Gradient-AllReduce plan."""
+
+    name: str = opt("sequential", "MoE block schedule", flag="--schedule",
+                    parse=choice_parser("schedule", tuple(SCHEDULES)))
+    r_fwd: int = opt(1, "forward pipeline degree", parse=int)
+    r_bwd: int = opt(1, "backward pipeline degree", parse=int)
+    gar_plan: str | None = opt(None, "gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready' (none: the "
+                                     "schedule's default)", parse=optional_parser(str))
+
+    def __post_init__(self) -> None:
+        check_degrees(get_schedule(self.name), self.r_fwd, self.r_bwd)
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """The optimisation: AdamW with linear warm-up over ``lr_warmup`` steps, then cosine decay to
+    ``min_lr_ratio · lr``; ``grad_clip`` None disables clipping; ``max_seconds`` stops early."""
+
+    steps: int = opt(1000, "optimizer steps", parse=int)
+    batch_size: int = opt(16, "sequences per step over all ranks", parse=int)
+    lr: float = opt(3e-3, "peak learning rate (AdamW)", parse=float)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a share of lr", parse=float)
+    weight_decay: float = opt(0.1, "AdamW decay on matrices", parse=float)
+    lr_warmup: int = opt(50, "linear learning-rate warm-up steps", parse=int)
+    grad_clip: float | None = opt(1.0, "global gradient-norm clip, or 'none'", parse=optional_parser(float))
+    log_every: int = opt(50, "steps between progress lines", parse=int)
+    eval_iters: int = opt(20, "validation batches at the end", parse=int)
+    max_seconds: float | None = opt(None, "training time budget in seconds, or 'none'", parse=optional_parser(float))
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "steps", "batch_size", "log_every", "eval_iters")
+        check_at_least(self, 0, "lr_warmup")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0 (or None for no limit), got {self.max_seconds}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Where the bytes come from. ``path=None`` means the embedded standard-library corpus, cut at
+    ``max_bytes``; a user file is read whole. The last ``val_fraction`` is the validation split."""
+
+    path: str | None = opt(None, "a text file to train on (none: the embedded Python stdlib corpus)",
+                           flag="--data", parse=optional_parser(str))
+    max_bytes: int = opt(8_000_000, "bytes of the embedded corpus to load", flag="--data-bytes", parse=int)
+    val_fraction: float = opt(0.05, "share of the bytes held out for validation", parse=float)
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_bytes")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    """Where results go and how the processes run: ``out`` is a directory (the resolved job is written
+    there as ``job.toml`` beside the results); ``threads`` None leaves torch's intra-op threads alone
+    (one per rank when distributed); ``trace`` writes a Chrome trace (Perfetto) of the MoE tasks."""
+
+    out: str = opt("runs/default", "output directory (results, metrics, the resolved job.toml)")
+    seed: int = opt(0, "seeds the weights, the inputs and the batches", parse=int)
+    threads: int | None = opt(None, "torch intra-op threads per rank (none: torch's; 1 when distributed)",
+                              parse=optional_parser(int))
+    trace: str | None = opt(None, "write a Chrome-trace JSON of the MoE blocks' tasks to FILE",
+                            parse=optional_parser(str))
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("RunConfig: out must name a directory")
+        if self.threads is not None:
+            check_at_least(self, 1, "threads")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ClusterConfig:
+    """Where the ranks run. ``launcher``: ``local`` (plain processes on this machine, unshaped loopback),
+    ``emulated`` (one network namespace per node of ``procs_per_node`` ranks, each node's link shaped to
+    ``link``; needs root), ``auto`` (emulated where possible, else local with a warning)."""
+
+    launcher: str = opt("local", "local, emulated or auto", parse=choice_parser("launcher", LAUNCHERS))
+    link: str = opt("1gbit", "each emulated node's uplink/downlink rate, e.g. 1gbit, 200mbit, or 'unshaped'",
+                    flag="--link")
+    burst_bytes: int | None = opt(None, "tbf bucket bytes of every link (none: max(64 KiB, 1 ms of line rate))",
+                                  flag="--burst", parse=optional_parser(int))
+
+    def __post_init__(self) -> None:
+        check_choice("launcher", self.launcher, LAUNCHERS)
+        parse_rate(self.link)
+        if self.burst_bytes is not None and self.burst_bytes < 2048:
+            raise ValueError(f"ClusterConfig: burst_bytes={self.burst_bytes} must be >= 2048 (one packet)")
+
+
+DEFAULT_BENCH_SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")
+
+
+@dataclass(kw_only=True, frozen=True)
+class BenchConfig:
+    """Side-by-side benchmarks: ``warmup`` untimed then ``reps`` timed rounds (steps, for ``bench
+    train``), each running every implementation once in a rotated order. The layer benchmark runs
+    every schedule in ``schedules`` at every degree in ``degrees`` (plus ``mixed_degrees`` pairs for
+    fsmoe) on ``tokens`` tokens per rank with a dense Gradient-AllReduce of ``dense_grad_mb`` MiB."""
+
+    schedules: tuple[str, ...] = opt(DEFAULT_BENCH_SCHEDULES, "schedules to run", nargs="+",
+                                     parse=choice_parser("schedule", tuple(SCHEDULES)))
+    degrees: tuple[int, ...] = opt((1, 2, 4, 8), "pipeline degrees (r_fwd = r_bwd) of every pipelined schedule",
+                                   flag="--r", parse=int, nargs="+")
+    mixed_degrees: tuple[tuple[int, int], ...] = opt(((2, 4), (4, 2), (4, 8), (8, 4)), "extra R_FWD/R_BWD pairs "
+                                                     "for fsmoe", flag="--mixed", parse=parse_degree_pair, nargs="*")
+    tokens: int = opt(1024, "tokens per rank T (layer benchmark)", parse=int)
+    dense_grad_mb: float = opt(4.0, "dense Gradient-AllReduce per layer, MiB (layer benchmark)", parse=float)
+    reps: int = opt(5, "timed rounds", parse=int)
+    warmup: int = opt(1, "untimed rounds first", parse=int)
+    deepspeed: bool = opt(True, "run DeepSpeed-MoE beside ours (skipped with a note when not installed)",
+                          parse=parse_bool)
+    memory: bool = opt(True, "measure peak memory (layer benchmark)", parse=parse_bool)
+    trace_all: bool = opt(False, "with --trace: one trace file per implementation", parse=parse_bool)
+    timeout_s: float = opt(1800.0, "seconds before the benchmark's ranks are stopped", flag="--timeout",
+                           parse=float)
+
+    def __post_init__(self) -> None:
+        if not self.schedules:
+            raise ValueError("BenchConfig: give at least one schedule")
+        for s in self.schedules:
+            get_schedule(s)
+        check_at_least(self, 1, "tokens", "reps")
+        check_at_least(self, 0, "warmup")
+        for r_fwd, r_bwd in [(r, r) for r in self.degrees] + list(self.mixed_degrees):
+            if r_fwd < 1 or r_bwd < 1:
+                raise ValueError(f"BenchConfig: degrees must be >= 1, got r_fwd={r_fwd}, r_bwd={r_bwd}")
+        if not self.dense_grad_mb >= 0:
+            raise ValueError(f"BenchConfig: dense_grad_mb must be >= 0, got {self.dense_grad_mb}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"BenchConfig: timeout_s must be > 0, got {self.timeout_s}")
+
+
+SECTIONS = ("model", "moe", "parallel", "schedule", "train", "data", "run", "cluster", "bench")
+
+
+@dataclass(kw_only=True, frozen=True)
+class JobConfig:
+    """One job: every section, validated together. ``moe`` is ``model.moe`` (its own section in flags
+    and files)."""
+
+    model: ModelConfig = field(default_factory=gpt2_moe_tiny)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        par, m = self.parallel, self.model
+        problems = []
+        if m.moe.num_experts % par.ep:
+            problems.append(f"number of experts E={m.moe.num_experts} is not divisible by EP={par.ep}")
+        if m.moe.d_hidden % par.esp:
+            problems.append(f"expert hidden dim H={m.moe.d_hidden} is not divisible by ESP={par.esp}")
+        if m.n_heads % par.mp:
+            problems.append(f"attention heads {m.n_heads} are not divisible by MP={par.mp}")
+        if m.seq_len % par.mp:
+            problems.append(f"sequence length {m.seq_len} is not divisible by MP={par.mp} (sequence parallelism)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def check_training(self) -> None:
+        """The rules of a job that trains (``fsmoe train``, ``fsmoe bench train``), beyond those every job
+        obeys: the global batch splits evenly over the dense data-parallel ranks."""
+        if self.train.batch_size % self.parallel.dense_dp:
+            raise ValueError(f"global batch {self.train.batch_size} is not divisible by the dense data-parallel "
+                             f"degree {self.parallel.dense_dp}")
+
+    @property
+    def moe(self) -> MoEConfig:
+        return self.model.moe
+
+    def section(self, name: str) -> Any:
+        check_choice("config section", name, SECTIONS)
+        return self.model.moe if name == "moe" else getattr(self, name)
+
+    def replace(self, **sections: Any) -> JobConfig:
+        return dataclasses.replace(self, **sections)
+
+    def with_overrides(self, values: Mapping[str, Any]) -> JobConfig:
+        """This job with ``values`` (``"section.field" -> value``) applied, validated once at the end.
+
+        ``model.name`` first resets the model (and its ``moe``) to that preset; choosing the switch
+        gate without a ``moe.top_k`` picks k = 1 (the gate is top-1 by definition)."""
+        specs = {s.key: s for s in flag_specs()}
+        for key in values:
+            if key not in specs:
+                raise ValueError(f"unknown config key {key!r}; the keys are: {', '.join(specs)}")
+        values = {key: coerce(specs[key], value) for key, value in values.items()}
+        model = self.model
+        if "model.name" in values:
+            model = model_preset(values.pop("model.name"))
+        if values.get("moe.gate") == "switch" and "moe.top_k" not in values:
+            values["moe.top_k"] = 1
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            section, _, name = key.partition(".")
+            by_section.setdefault(section, {})[name] = value
+        moe = dataclasses.replace(model.moe, **by_section.pop("moe", {}))
+        model = dataclasses.replace(model, moe=moe, **by_section.pop("model", {}))
+        parts = {s: dataclasses.replace(getattr(self, s), **v) for s, v in by_section.items()}
+        return dataclasses.replace(self, model=model, **parts)
+
+
+# --- the flag vocabulary and files --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlagSpec:
+    """One config field as a command-line flag: ``key`` is ``section.field``."""
+
+    key: str
+    flag: str
+    help: str
+    parse: Callable[[str], Any] | None
+    nargs: str | None
+    is_bool: bool
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        return getattr(self.parse, "choices", None)
+
+
+def _fields(section: Any) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(section) if f.metadata]
+
+
+def flag_specs(sections: tuple[str, ...] = SECTIONS) -> Iterator[FlagSpec]:
+    """Every field of ``sections`` as a :class:`FlagSpec`, in declaration order."""
+    job = JobConfig()
+    for s in sections:
+        for f in _fields(job.section(s)):
+            meta = f.metadata
+            yield FlagSpec(key=f"{s}.{f.name}", flag=meta["flag"] or "--" + f.name.replace("_", "-"), help=meta["help"],
+                           parse=meta["parse"], nargs=meta["nargs"], is_bool=meta["parse"] is parse_bool)
+
+
+def all_keys() -> list[str]:
+    return [spec.key for spec in flag_specs()]
+
+
+def get_value(job: JobConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(job.section(section), name)
+
+
+def coerce(spec: FlagSpec, value: Any) -> Any:
+    """A value read from a file (TOML types) or a flag (strings) as the field's type; ValueError naming
+    the key otherwise. Strings always go through the field's parser, so 'none' works in both."""
+    default = get_value(JobConfig(), spec.key)
+
+    def one(v: Any, kind: Any) -> Any:
+        if isinstance(v, str) and spec.parse is not None:
+            return spec.parse(v)
+        if v is None:
+            if getattr(spec.parse, "optional", False):
+                return None
+            raise ValueError(f"{spec.key}: expected {type(kind).__name__}, got None")
+        if kind is None and spec.parse is not None:  # an optional field whose default is None
+            return spec.parse(str(v))
+        if isinstance(kind, tuple) and isinstance(v, list | tuple):
+            return tuple(one(x, kind[0] if kind else 0) for x in v)
+        if isinstance(kind, bool) != isinstance(v, bool):
+            raise ValueError(f"{spec.key}: expected {type(kind).__name__}, got {v!r}")
+        if isinstance(kind, float) and isinstance(v, int):
+            return float(v)
+        if kind is not None and not isinstance(v, type(kind)):
+            raise ValueError(f"{spec.key}: expected {type(kind).__name__}, got {v!r}")
+        return v
+
+    try:
+        if spec.nargs is not None:
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"{spec.key}: expected a list, got {value!r}")
+            sample = default[0] if default else None
+            return tuple(one(v, sample) for v in value)
+        return one(value, default)
+    except ValueError as e:
+        raise ValueError(e if str(e).startswith(spec.key) else f"{spec.key}: {e}") from None
+
+
+# --- recipes: the job each command starts from --------------------------------------------------------------
+def train_recipe() -> JobConfig:
+    """``fsmoe train``: the tiny GPT-MoE, one process, sequential schedule (every default as declared)."""
+    return JobConfig()
+
+
+def _bench_cluster(job: JobConfig, out: str) -> JobConfig:
+    """Both benchmarks: 2 emulated nodes × 2 ranks (EP over all 4 ranks), one thread per rank."""
+    return job.replace(parallel=ParallelConfig(nproc=4, procs_per_node=2, ep=4),
+                       cluster=ClusterConfig(launcher="auto"), run=RunConfig(out=out, threads=1))
+
+
+def layer_bench_recipe() -> JobConfig:
+    """``fsmoe bench layer``: one MoE layer of D=512, H=2048, E=4, top-2, f=1.2 on 1024 tokens per rank."""
+    moe = MoEConfig(num_experts=4, top_k=2, d_hidden=2048, capacity_factor=1.2)
+    job = JobConfig(model=dataclasses.replace(gpt2_moe_tiny(), d_model=512, moe=moe))
+    return _bench_cluster(job, "bench_results/layer")
+
+
+def train_bench_recipe() -> JobConfig:
+    """``fsmoe bench train``: the tiny GPT-MoE, sequential and fsmoe beside DeepSpeed, 2 + 10 steps on the
+    first 2 MB of the corpus; the ``schedule`` section gives the pipelined rows' degrees (r = 2 both ways)."""
+    job = _bench_cluster(JobConfig(), "bench_results/train")
+    return job.replace(schedule=ScheduleConfig(name="fsmoe", r_fwd=2, r_bwd=2), data=DataConfig(max_bytes=2_000_000),
+                       bench=BenchConfig(schedules=("sequential", "fsmoe"), reps=10, warmup=2, timeout_s=900.0))
+
+
+RECIPES: dict[str, Callable[[], JobConfig]] = {
+    "train": train_recipe,
+    "bench layer": layer_bench_recipe,
+    "bench train": train_bench_recipe,
+}
