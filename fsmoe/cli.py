@@ -108,8 +108,8 @@ def handle_train(job: JobConfig, argv: Sequence[str]) -> int:
 def _launch_on_cluster(job: JobConfig, argv: Sequence[str]) -> int:
     from fsmoe.cluster import ClusterUnavailable, EmulatedClusterSpec, launch_on_cluster
 
-    par, cl = job.parallel, job.cluster
-    spec = EmulatedClusterSpec(nodes=par.num_nodes, procs_per_node=par.ppn, link=cl.link, burst_bytes=cl.burst_bytes)
+    cl = job.cluster
+    spec = EmulatedClusterSpec.from_job(job)
     try:
         # c10d warns on every rank that the namespace's addresses have no host name; keep the log readable
         quiet = {"TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}

@@ -84,17 +84,10 @@ class ImplSpec:
 
 
 # --- the cluster ------------------------------------------------------------------------------------------
-def cluster_spec(job: JobConfig) -> EmulatedClusterSpec:
-    """The emulated nodes of ``job``: ``parallel.num_nodes`` × ``parallel.ppn`` ranks, each node's link
-    ``cluster.link`` with bucket ``cluster.burst_bytes``. ``ValueError`` naming the numbers."""
-    par, cl = job.parallel, job.cluster
-    return EmulatedClusterSpec(nodes=par.num_nodes, procs_per_node=par.ppn, link=cl.link, burst_bytes=cl.burst_bytes)
-
-
 def open_bench_cluster(job: JobConfig) -> EmulatedCluster | LocalCluster:
     """The cluster a benchmark runs on (not yet entered): ``emulated`` (namespaces; fail if impossible),
     ``local`` (plain loopback, unshaped), ``auto`` (emulated where possible, else local with a warning)."""
-    spec, launcher = cluster_spec(job), job.cluster.launcher
+    spec, launcher = EmulatedClusterSpec.from_job(job), job.cluster.launcher
     if launcher == "emulated":
         return EmulatedCluster(spec)
     if launcher == "local":

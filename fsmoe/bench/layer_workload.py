@@ -19,9 +19,9 @@ from fsmoe.bench.harness import (
     DEEPSPEED,
     ImplSpec,
     RankResult,
-    cluster_spec,
 )
 from fsmoe.bench.memory import PeakMemory
+from fsmoe.cluster.spec import EmulatedClusterSpec
 from fsmoe.config import JobConfig, get_schedule
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.layer import MoELayer, pad_capacity
@@ -59,7 +59,7 @@ def check_layer_job(job: JobConfig) -> None:
             f"bench layer: ep*esp must equal the world size (nproc), got ep={par.ep} * esp={par.esp} = "
             f"{par.ep * par.esp} != nproc={par.nproc}"
         )
-    cluster_spec(job)  # the emulated nodes' limits
+    EmulatedClusterSpec.from_job(job)  # the emulated nodes' limits
     layer_impls(job)  # the degree rules of every schedule
 
 

@@ -50,7 +50,6 @@ from fsmoe.bench.harness import (
     DEEPSPEED,
     ImplSpec,
     RankResult,
-    cluster_spec,
     cpu_stats,
     other_load,
     rank_threads,
@@ -59,6 +58,7 @@ from fsmoe.bench.harness import (
     timed_rounds,
 )
 from fsmoe.bench.report import bar_chart, finish_report, job_dict, warning_lines
+from fsmoe.cluster.spec import EmulatedClusterSpec
 from fsmoe.config import JobConfig, ModelConfig, ParallelConfig, ScheduleConfig, get_schedule
 from fsmoe.parallel.dims import ParallelDims, ProcessGroups, build_groups
 from fsmoe.parallel.grad_plan import PlannedGradSync
@@ -145,7 +145,7 @@ def check_train_job(job: JobConfig) -> None:
     """What the train benchmark needs beyond the job's own rules: every row's degrees and layout (each
     row's job validated against the model and the batch); ``ValueError`` naming the values. Call it
     before any rank starts."""
-    cluster_spec(job)
+    EmulatedClusterSpec.from_job(job)
     for row in train_rows(job):
         row_job(job, row).check_training()
 

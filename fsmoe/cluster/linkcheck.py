@@ -161,7 +161,7 @@ def _time_links(groups: ProcessGroups, nbytes: int, reps: int, warmup: int) -> L
 
 
 def _time_overlap(groups: ProcessGroups, nbytes: int, matmul_n: int, reps: int, warmup: int) -> OverlapTiming:
-    group = groups.ep
+    group = groups.group("ep")
     x, out = _a2a(nbytes, groups.size("ep"))
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
 

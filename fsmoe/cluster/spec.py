@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fsmoe.config import UNSHAPED_WORDS, format_rate, parse_rate
+from fsmoe.config import UNSHAPED_WORDS, JobConfig, format_rate, parse_rate
 
 __all__ = ["MAX_NODES", "UNSHAPED_WORDS", "EmulatedClusterSpec", "TbfParams", "format_rate", "parse_rate"]
 
@@ -80,6 +80,13 @@ class EmulatedClusterSpec:
         if self.burst_bytes is not None and self.burst_bytes < 2048:
             raise ValueError(f"EmulatedClusterSpec: burst_bytes={self.burst_bytes} must be >= 2048 (one packet)")
         parse_rate(self.link)  # raises ValueError naming the accepted forms
+
+    @classmethod
+    def from_job(cls, job: JobConfig) -> EmulatedClusterSpec:
+        """The emulated nodes of a job: ``parallel.num_nodes`` × ``parallel.ppn`` ranks, each node's link
+        ``cluster.link`` with bucket ``cluster.burst_bytes``. ``ValueError`` naming the numbers."""
+        par, cl = job.parallel, job.cluster
+        return cls(nodes=par.num_nodes, procs_per_node=par.ppn, link=cl.link, burst_bytes=cl.burst_bytes)
 
     @property
     def world_size(self) -> int:

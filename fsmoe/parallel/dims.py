@@ -187,26 +187,6 @@ class ProcessGroups:
     def size(self, kind: GroupKind) -> int:
         return len(self.ranks[kind])
 
-    @property
-    def mp(self) -> dist.ProcessGroup:
-        return self.group("mp")
-
-    @property
-    def dense_dp(self) -> dist.ProcessGroup:
-        return self.group("dense_dp")
-
-    @property
-    def esp(self) -> dist.ProcessGroup:
-        return self.group("esp")
-
-    @property
-    def ep(self) -> dist.ProcessGroup:
-        return self.group("ep")
-
-    @property
-    def expert_dp(self) -> dist.ProcessGroup:
-        return self.group("expert_dp")
-
 
 def build_groups(dims: ParallelDims, *, backend: str | None = None, channels: int = 1) -> ProcessGroups:
     """Create every group of every kind, ``channels`` times, and keep this rank's.

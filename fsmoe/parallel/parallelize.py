@@ -61,7 +61,7 @@ def parallelize_gpt(model: nn.Module, groups: ProcessGroups, dispatcher: str = "
     disp = build_dispatcher(dispatcher, groups) if dims.ep * dims.esp > 1 else build_dispatcher("local")
     for block in model.blocks:
         if dims.mp > 1:
-            tp = TensorParallelAttention(model.cfg.d_model, model.cfg.n_heads, model.cfg.dropout, groups.mp)
+            tp = TensorParallelAttention(model.cfg.d_model, model.cfg.n_heads, model.cfg.dropout, groups.group("mp"))
             tp.load_shard(block.attn, coords.mp)
             block.attn = tp
         if isinstance(block.mlp, MoELayer):

@@ -91,7 +91,7 @@ def layer_vs_reference(
         for name, p in layer.experts.named_parameters():
             grad = p.grad.clone()
             if dims.expert_dp > 1:
-                dist.all_reduce(grad, group=groups.expert_dp)
+                dist.all_reduce(grad, group=groups.group("expert_dp"))
             full = dict(ref.experts.named_parameters())[name].grad
             errs[f"experts.{name}"] = _max_err(
                 grad, full[shard_index(name, p.shape, coords.ep * e_local, coords.esp * h_local)]
