@@ -32,10 +32,11 @@ ALLOWED = {
     "schedule": {"config", "moe"},
     "parallel": {"config", "moe", "schedule"},
     "models": {"config", "moe"},
+    "perf": {"cluster", "config", "models", "moe", "parallel", "schedule"},
     "cluster": {"config", "parallel"},
-    "train": {"config", "models", "moe", "parallel", "schedule"},
-    "bench": {"cluster", "config", "models", "moe", "parallel", "schedule", "train"},
-    "cli": {"bench", "cluster", "config", "train"},
+    "train": {"config", "models", "moe", "parallel", "perf", "schedule"},
+    "bench": {"cluster", "config", "models", "moe", "parallel", "perf", "schedule", "train"},
+    "cli": {"bench", "cluster", "config", "perf", "train"},
     "__main__": {"cli"},
     "fsmoe": set(),  # the package's own __init__
 }
