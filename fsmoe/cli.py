@@ -191,7 +191,7 @@ class Command:
         return " ".join(self.words)
 
 
-TRAIN_SECTIONS = ("model", "moe", "parallel", "schedule", "train", "data", "run", "cluster")
+TRAIN_SECTIONS = ("model", "moe", "parallel", "schedule", "plan", "train", "data", "run", "cluster")
 
 COMMANDS: tuple[Command, ...] = (
     Command(("train",), "train a GPT-MoE language model (one process or --nproc ranks)",

@@ -47,7 +47,7 @@ def _sample(key: str) -> list[str]:
     if spec.choices:
         value = [c for c in spec.choices if c != default][-1] if spec.nargs is None else spec.choices[-1]
     elif spec.nargs is not None:
-        value = "3/5" if key.endswith("mixed_degrees") else "3"
+        value = "3/5" if spec.parse is not None and spec.parse.__name__ == "parse_degree_pair" else "3"
     elif isinstance(default, float):
         value = "0.5"
     elif isinstance(default, int) and not isinstance(default, bool):
@@ -115,6 +115,7 @@ def _odd_job() -> JobConfig:
         "data.path": 'a "quoted" \\ path.txt', "run.out": "runs/x", "run.threads": 2, "cluster.launcher": "auto",
         "cluster.burst_bytes": 65536, "bench.degrees": (1, 4), "bench.mixed_degrees": ((2, 8),),
         "bench.deepspeed": False, "bench.schedules": ("sequential", "fsmoe"),
+        "schedule.layer_degrees": ((2, 4), (1, 8)), "plan.reprofile": True, "plan.max_degree": 4,
     })
 
 

@@ -121,7 +121,7 @@ def train_rows(job: JobConfig) -> list[TrainImpl]:
     ep_only_par = dataclasses.replace(par, ep=par.ep * par.esp, esp=1)
     out = []
     for name in job.bench.schedules:
-        degrees = (sched.r_fwd, sched.r_bwd) if get_schedule(name).pipelined else (1, 1)
+        degrees = sched.degrees if get_schedule(name).pipelined else (1, 1)
         out.append(TrainImpl(ImplSpec(name, *degrees), par))
     if job.bench.deepspeed:
         ep_only = par.esp > 1 and deepspeed_unable(job) is None  # else its row only says why not

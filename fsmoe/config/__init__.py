@@ -3,10 +3,11 @@
 Legend: T tokens, D model dim (the paper's M), H expert hidden, E experts, K top-k, C capacity.
 
 :class:`JobConfig` composes one ``@dataclass(kw_only=True, frozen=True)`` per concern — ``model`` (with
-its ``moe`` layers), ``parallel``, ``schedule``, ``train``, ``data``, ``run``, ``cluster``, ``bench`` —
+its ``moe`` layers), ``parallel``, ``schedule``, ``plan``, ``train``, ``data``, ``run``, ``cluster``, ``bench`` —
 and each section validates its own fields in ``__post_init__``; rules that tie sections together
-(E divisible by EP, H by ESP, heads and sequence by MP, the batch by the dense data-parallel degree)
-are checked once, in :meth:`JobConfig.__post_init__`. Every message names the values.
+(E divisible by EP, H by ESP, heads and sequence by MP) are checked once, in
+:meth:`JobConfig.__post_init__`, and those of a training job (the batch splits over the dense
+data-parallel ranks) in :meth:`JobConfig.check_training`. Every message names the values.
 
 The flag vocabulary comes from here too: each field carries its flag name, help text and parser in
 its metadata (:func:`flag_specs`), so ``fsmoe train``, ``fsmoe bench layer`` and ``fsmoe bench train``
@@ -24,6 +25,7 @@ from fsmoe.config.files import dump_toml, load_toml, read_toml_overrides
 from fsmoe.config.job import (
     DEFAULT_BENCH_SCHEDULES,
     MODEL_PRESETS,
+    PLANNED_SCHEDULES,
     RECIPES,
     SECTIONS,
     BenchConfig,
@@ -34,6 +36,7 @@ from fsmoe.config.job import (
     ModelConfig,
     MoEConfig,
     ParallelConfig,
+    PlanConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
@@ -71,12 +74,53 @@ from fsmoe.config.values import (
 )
 
 __all__ = [
-    "DEFAULT_BENCH_SCHEDULES", "DISPATCHER_NAMES", "DROP_POLICIES", "EXPERT_NAMES", "GATE_NAMES", "LAUNCHERS",
-    "MODEL_NAMES", "MODEL_PRESETS", "NOISY_GATES", "ORDER_NAMES", "RECIPES", "SCHEDULES", "SECTIONS",
-    "UNSHAPED_WORDS", "BenchConfig", "ClusterConfig", "DataConfig", "FlagSpec", "JobConfig", "ModelConfig",
-    "MoEConfig", "ParallelConfig", "RunConfig", "ScheduleConfig", "ScheduleSpec", "TrainConfig", "all_keys",
-    "check_degrees", "check_layout", "coerce", "dump_toml", "flag_specs", "format_rate", "get_schedule",
-    "get_value", "gpt2_moe_small", "gpt2_moe_tiny", "layer_bench_recipe", "load_toml", "model_preset",
-    "parse_bool", "parse_degree_pair", "parse_rate", "read_toml_overrides", "round_up", "train_bench_recipe",
+    "DEFAULT_BENCH_SCHEDULES",
+    "DISPATCHER_NAMES",
+    "DROP_POLICIES",
+    "EXPERT_NAMES",
+    "GATE_NAMES",
+    "LAUNCHERS",
+    "MODEL_NAMES",
+    "MODEL_PRESETS",
+    "NOISY_GATES",
+    "ORDER_NAMES",
+    "RECIPES",
+    "SCHEDULES",
+    "SECTIONS",
+    "UNSHAPED_WORDS",
+    "BenchConfig",
+    "ClusterConfig",
+    "DataConfig",
+    "FlagSpec",
+    "JobConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "PLANNED_SCHEDULES",
+    "ParallelConfig",
+    "PlanConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "ScheduleSpec",
+    "TrainConfig",
+    "all_keys",
+    "check_degrees",
+    "check_layout",
+    "coerce",
+    "dump_toml",
+    "flag_specs",
+    "format_rate",
+    "get_schedule",
+    "get_value",
+    "gpt2_moe_small",
+    "gpt2_moe_tiny",
+    "layer_bench_recipe",
+    "load_toml",
+    "model_preset",
+    "parse_bool",
+    "parse_degree_pair",
+    "parse_rate",
+    "read_toml_overrides",
+    "round_up",
+    "train_bench_recipe",
     "train_recipe",
 ]

@@ -213,20 +213,48 @@ class ParallelConfig:
         return self.nproc // self.mp
 
 
+PLANNED_SCHEDULES = ("fsmoe_no_iio", "fsmoe")  # FSMoE's own: the planner picks their degrees and GAR plan
+
+
 @dataclass(kw_only=True, frozen=True)
 class ScheduleConfig:
     """How the MoE blocks are scheduled: one of the six schedules (see :mod:`fsmoe.schedule.schedules`)
-    with its forward and backward pipeline degrees, and the dense Gradient-AllReduce plan."""
+    with its forward and backward pipeline degrees, and the dense Gradient-AllReduce plan.
+
+    Degrees left out (None) are 1, except for FSMoE's own schedules (``fsmoe``, ``fsmoe_no_iio``) given
+    neither degree: those are *planned* — profiled, modelled and chosen per layer by
+    :mod:`fsmoe.perf.planner`, together with the gradient plan unless ``gar_plan`` is given. A single
+    degree given means that degree for both passes."""
 
     name: str = opt("sequential", "MoE block schedule", flag="--schedule",
                     parse=choice_parser("schedule", tuple(SCHEDULES)))
-    r_fwd: int = opt(1, "forward pipeline degree", parse=int)
-    r_bwd: int = opt(1, "backward pipeline degree", parse=int)
-    gar_plan: str | None = opt(None, "gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready' (none: the "
-                                     "schedule's default)", parse=optional_parser(str))
+    r_fwd: int | None = opt(None, "forward pipeline degree (none: 1, or planned for fsmoe and fsmoe_no_iio)",
+                            parse=optional_parser(int))
+    r_bwd: int | None = opt(None, "backward pipeline degree (none: r_fwd, or planned for fsmoe and fsmoe_no_iio)",
+                            parse=optional_parser(int))
+    layer_degrees: tuple[tuple[int, int], ...] | None = opt(
+        None, "R_FWD/R_BWD per MoE layer, first to last (what the planner picked; overrides --r-fwd/--r-bwd)",
+        parse=parse_degree_pair, nargs="+")
+    gar_plan: str | None = opt(None, "gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready' (none: planned "
+                                     "for fsmoe/fsmoe_no_iio, else the schedule's default)", parse=optional_parser(str))
 
     def __post_init__(self) -> None:
-        check_degrees(get_schedule(self.name), self.r_fwd, self.r_bwd)
+        spec = get_schedule(self.name)
+        check_degrees(spec, *self.degrees)
+        for pair in self.layer_degrees or ():
+            check_degrees(spec, *pair)
+
+    @property
+    def planned(self) -> bool:
+        """Whether the planner picks the degrees (FSMoE's schedules, no degree given)."""
+        return (self.name in PLANNED_SCHEDULES and self.r_fwd is None and self.r_bwd is None
+                and self.layer_degrees is None)
+
+    @property
+    def degrees(self) -> tuple[int, int]:
+        """The given (r_fwd, r_bwd), with the defaults above; (1, 1) for a planned schedule until planned."""
+        r_fwd = 1 if self.r_fwd is None else self.r_fwd
+        return r_fwd, r_fwd if self.r_bwd is None else self.r_bwd
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -315,6 +343,25 @@ class ClusterConfig:
             raise ValueError(f"ClusterConfig: burst_bytes={self.burst_bytes} must be >= 2048 (one packet)")
 
 
+@dataclass(kw_only=True, frozen=True)
+class PlanConfig:
+    """FSMoE's adaptive core (:mod:`fsmoe.perf`): online profiling within ``profile_budget_s``, cached in
+    ``profile_cache`` (a rerun on the same topology and sizes reuses it; ``reprofile`` forces a new one),
+    then pipeline degrees among the powers of two up to ``max_degree``."""
+
+    max_degree: int = opt(8, "largest pipeline degree the planner considers (a power of two)", parse=int)
+    profile_budget_s: float = opt(30.0, "seconds online profiling may take", flag="--profile-budget", parse=float)
+    profile_cache: str = opt("~/.cache/fsmoe/profiles", "directory of cached profiles")
+    reprofile: bool = opt(False, "profile again even when a cached profile matches", parse=parse_bool)
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_degree")
+        if self.max_degree & (self.max_degree - 1):
+            raise ValueError(f"PlanConfig: max_degree must be a power of two, got {self.max_degree}")
+        if not self.profile_budget_s > 0:
+            raise ValueError(f"PlanConfig: profile_budget_s must be > 0, got {self.profile_budget_s}")
+
+
 DEFAULT_BENCH_SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")
 
 
@@ -358,7 +405,7 @@ class BenchConfig:
             raise ValueError(f"BenchConfig: timeout_s must be > 0, got {self.timeout_s}")
 
 
-SECTIONS = ("model", "moe", "parallel", "schedule", "train", "data", "run", "cluster", "bench")
+SECTIONS = ("model", "moe", "parallel", "schedule", "plan", "train", "data", "run", "cluster", "bench")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -369,6 +416,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=gpt2_moe_tiny)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -386,6 +434,9 @@ class JobConfig:
             problems.append(f"attention heads {m.n_heads} are not divisible by MP={par.mp}")
         if m.seq_len % par.mp:
             problems.append(f"sequence length {m.seq_len} is not divisible by MP={par.mp} (sequence parallelism)")
+        layer_degrees = self.schedule.layer_degrees
+        if layer_degrees is not None and len(layer_degrees) != m.num_moe_layers:
+            problems.append(f"layer_degrees gives {len(layer_degrees)} pairs for {m.num_moe_layers} MoE layers")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -484,6 +535,10 @@ def coerce(spec: FlagSpec, value: Any) -> Any:
             if getattr(spec.parse, "optional", False):
                 return None
             raise ValueError(f"{spec.key}: expected {type(kind).__name__}, got None")
+        if kind is None and isinstance(v, list | tuple):  # an item of an optional list field, e.g. a pair
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"{spec.key}: expected whole numbers, got {v!r}")
+            return tuple(v)
         if kind is None and spec.parse is not None:  # an optional field whose default is None
             return spec.parse(str(v))
         if isinstance(kind, tuple) and isinstance(v, list | tuple):
@@ -498,6 +553,8 @@ def coerce(spec: FlagSpec, value: Any) -> Any:
 
     try:
         if spec.nargs is not None:
+            if default is None and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
+                return None
             if not isinstance(value, list | tuple):
                 raise ValueError(f"{spec.key}: expected a list, got {value!r}")
             sample = default[0] if default else None

@@ -149,7 +149,7 @@ def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None
         spec = get_schedule(sched.name)
         rank = 0 if ctx is None else ctx.rank
         runtime = runtime or Runtime.for_schedule(spec, rank=rank, trace=job.run.trace is not None)
-        apply_pipeline(model.moe_layers, spec, (sched.r_fwd, sched.r_bwd), runtime)
+        apply_pipeline(model.moe_layers, spec, sched.layer_degrees or sched.degrees, runtime)
     return model
 
 
@@ -230,7 +230,7 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
     par, sched = job.parallel, job.schedule
     if main:
         layout = (f"{par.nproc} ranks (MP={par.mp}, EP={par.ep}, ESP={par.esp}, dispatcher {par.dispatcher}, "
-                  f"schedule {sched.name} r={sched.r_fwd}/{sched.r_bwd})" if par.distributed else "1 process")
+                  f"schedule {sched.name} r={sched.degrees[0]}/{sched.degrees[1]})" if par.distributed else "1 process")
         print(
             f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val bytes\n"
             f"model: {GPTMoE(m).num_params() if par.distributed else model.num_params():,} parameters, "
