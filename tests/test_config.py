@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,7 @@ def _odd_job() -> JobConfig:
     """A job with a value off the default in many fields, None where None is allowed, tuples and bools."""
     return JobConfig().with_overrides({
         "model.name": "tiny", "model.d_model": 64, "moe.capacity_factor": None, "moe.gate": "switch",
-        "moe.renormalize": True, "parallel.nproc": 4, "parallel.procs_per_node": 2, "parallel.ep": 2,
+        "moe.noisy": True, "parallel.nproc": 4, "parallel.procs_per_node": 2, "parallel.ep": 2,
         "parallel.esp": 2, "parallel.dispatcher": "2dh", "schedule.name": "fsmoe", "schedule.r_fwd": 2,
         "schedule.r_bwd": 4, "schedule.gar_plan": "moe:3=2MB", "train.grad_clip": None, "train.max_seconds": 9.5,
         "data.path": 'a "quoted" \\ path.txt', "run.out": "runs/x", "run.threads": 2, "cluster.launcher": "auto",
@@ -145,6 +146,13 @@ def test_model_preset_then_overrides() -> None:
     assert JobConfig().with_overrides({"moe.gate": "switch"}).moe.top_k == 1  # switch is top-1
     with pytest.raises(ValueError, match="the switch gate is top-1, got top_k=2"):
         JobConfig().with_overrides({"moe.gate": "switch", "moe.top_k": 2})
+    tuned = JobConfig().with_overrides({"moe.capacity_factor": 2.0, "moe.renormalize": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switching gates resets what the new gate ignores: no warning
+        soft = tuned.with_overrides({"moe.gate": "softmoe"}).moe
+    assert (soft.capacity_factor, soft.renormalize) == (MoEConfig().capacity_factor, False)
+    with pytest.warns(UserWarning, match="the softmoe gate ignores capacity_factor=3.0"):
+        tuned.with_overrides({"moe.gate": "softmoe", "moe.capacity_factor": 3.0})
 
 
 @pytest.mark.parametrize(

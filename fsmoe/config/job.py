@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +32,15 @@ from fsmoe.config.values import (
     parse_rate,
 )
 
-
 # --- sections -----------------------------------------------------------------------------------------------
+# What a gate does not use: set anyway (changed from the default), MoEConfig warns; a job that switches to
+# the gate without giving them resets them to their defaults (JobConfig.with_overrides).
+GATE_IGNORES = {
+    "expert_choice": ("drop_policy", "renormalize"),
+    "softmoe": ("top_k", "capacity_factor", "min_capacity", "capacity_multiple", "drop_policy", "renormalize"),
+}
+
+
 @dataclass(kw_only=True, frozen=True)
 class MoEConfig:
     """Everything needed to build an :class:`~fsmoe.moe.layer.MoELayer` for model dim D.
@@ -61,31 +70,62 @@ class MoEConfig:
     softmoe_slots: int = opt(1, "SoftMoE slots per expert", parse=int)
 
     def __post_init__(self) -> None:
+        """Refuses wrong types and values (naming the field and the value) and warns about settings the
+        chosen gate ignores. Types are checked here because a config built in Python is not coerced
+        like flags and job files are: ``True`` is not an int, ``4.0`` is not an int, ``'1.0'`` is not
+        a number."""
         check_choice("gate", self.gate, GATE_NAMES)
         check_choice("order", self.order, ORDER_NAMES)
         check_choice("expert", self.expert, EXPERT_NAMES)
         check_choice("drop policy", self.drop_policy, DROP_POLICIES)
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.gate not in ("expert_choice", "softmoe") and not 1 <= self.top_k <= self.num_experts:
+        check_at_least(self, 1, "num_experts", "d_hidden", "capacity_multiple", "xmoe_dim", "softmoe_slots")
+        check_at_least(self, 0, "min_capacity")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"MoEConfig: top_k must be an int, got {self.top_k!r}")
+        for name in ("renormalize", "noisy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig: {name} must be True or False, got {getattr(self, name)!r}")
+
+        def finite_number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        f = self.capacity_factor
+        if f is not None and not (finite_number(f) and f > 0):
             raise ValueError(
-                f"top_k must satisfy 1 <= k <= E, got k={self.top_k} with E={self.num_experts} experts"
+                f"MoEConfig: capacity_factor must be a finite number > 0 (or None for no dropping), got {f!r}"
             )
-        if self.gate == "expert_choice" and self.top_k < 1:
-            raise ValueError(f"top_k is the average experts per token; got k={self.top_k} (expert_choice needs k >= 1)")
+        for name in ("aux_loss_coef", "z_loss_coef"):  # a negative weight would reward imbalance
+            if not (finite_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"MoEConfig: {name} must be a finite number >= 0, got {getattr(self, name)!r}")
+
+        k, E = self.top_k, self.num_experts
+        if self.gate not in ("expert_choice", "softmoe") and not 1 <= k <= E:
+            raise ValueError(f"top_k must satisfy 1 <= k <= E, got k={k} with E={E} experts")
+        if self.gate == "expert_choice" and not 1 <= k <= E:
+            # C = ceil(k·f·T/E): with k > E an expert would pick more tokens than there are.
+            raise ValueError(
+                f"top_k is the average experts per token; expert_choice needs 1 <= k <= E, got k={k} with E={E} experts"
+            )
         if self.noisy and self.gate not in NOISY_GATES:
             raise ValueError(f"noisy gating applies to the {', '.join(NOISY_GATES)} gates, not {self.gate!r}")
-        if self.gate == "switch" and self.top_k != 1:
-            raise ValueError(f"the switch gate is top-1, got top_k={self.top_k}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 (or None for no dropping), got {self.capacity_factor}")
-        if self.gate == "expert_choice" and self.capacity_factor is None:
+        if self.gate == "switch" and k != 1:
+            raise ValueError(f"the switch gate is top-1, got top_k={k}")
+        if self.gate == "expert_choice" and f is None:
             raise ValueError("the expert_choice gate needs a capacity_factor (each expert picks C tokens)")
-        for name in ("d_hidden", "capacity_multiple", "xmoe_dim", "softmoe_slots"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_capacity < 0:
-            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+
+        # Accepted but pointless: warn rather than refuse, so that one job file can switch gates. Only a
+        # value changed from its default warns (every gate gets the defaults, e.g. top_k=2).
+        ignored = GATE_IGNORES.get(self.gate, ())
+        defaults = {fld.name: fld.default for fld in dataclasses.fields(self)}
+        changed = [f"{name}={getattr(self, name)!r}" for name in ignored if getattr(self, name) != defaults[name]]
+        if changed:
+            warnings.warn(f"the {self.gate} gate ignores {', '.join(changed)}", UserWarning, stacklevel=3)
+        if self.renormalize and k == 1 and self.gate not in ("expert_choice", "softmoe"):
+            warnings.warn(
+                f"renormalize=True with top_k=1 makes every kept weight 1, so the {self.gate} gate gets no "
+                "gradient from the task loss (only from the aux losses)",
+                UserWarning, stacklevel=3,
+            )
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -462,7 +502,8 @@ class JobConfig:
         """This job with ``values`` (``"section.field" -> value``) applied, validated once at the end.
 
         ``model.name`` first resets the model (and its ``moe``) to that preset; choosing the switch
-        gate without a ``moe.top_k`` picks k = 1 (the gate is top-1 by definition)."""
+        gate without a ``moe.top_k`` picks k = 1 (the gate is top-1 by definition); choosing a gate
+        resets the settings it ignores (:data:`GATE_IGNORES`) that are not given with it."""
         specs = {s.key: s for s in flag_specs()}
         for key in values:
             if key not in specs:
@@ -471,8 +512,11 @@ class JobConfig:
         model = self.model
         if "model.name" in values:
             model = model_preset(values.pop("model.name"))
-        if values.get("moe.gate") == "switch" and "moe.top_k" not in values:
+        gate = values.get("moe.gate")
+        if gate == "switch" and "moe.top_k" not in values:
             values["moe.top_k"] = 1
+        for name in GATE_IGNORES.get(gate, ()):  # what the chosen gate ignores goes back to its default
+            values.setdefault(f"moe.{name}", getattr(MoEConfig(), name))
         by_section: dict[str, dict[str, Any]] = {}
         for key, value in values.items():
             section, _, name = key.partition(".")

@@ -153,6 +153,13 @@ def z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
+def zero_loss(logits_TE: Tensor) -> Tensor:
+    """The value of a loss term whose coefficient is 0: the term is skipped, since 0 · loss is NaN when
+    one token's logits are not finite. The zero stays on the autograd graph (a sum over an empty slice,
+    which reads no value) because callers backpropagate ``aux_loss`` whatever the coefficients."""
+    return logits_TE[:0].float().sum()
+
+
 class Gate(nn.Module):
     """Base of all gates: ``forward(x_TD) = route(logits(x_TD))``; subclasses override one method."""
 
@@ -176,7 +183,7 @@ class Gate(nn.Module):
 
     def _zloss(self, logits_TE: Tensor) -> Tensor:
         if self.cfg.z_loss_coef == 0:
-            return logits_TE.new_zeros(())
+            return zero_loss(logits_TE)
         return self.cfg.z_loss_coef * z_loss(logits_TE)
 
 
@@ -223,7 +230,9 @@ class TopKGate(Gate):
         token_EC, weight_EC, dropped = assign_slots(
             expert_TK, weight_TK, E, capacity, self.cfg.drop_policy, self.cfg.renormalize
         )
-        aux = self.cfg.aux_loss_coef * self.aux(logits_TE, scores_TE, expert_TK) + self._zloss(logits_TE)
+        coef = self.cfg.aux_loss_coef
+        balance = zero_loss(logits_TE) if coef == 0 else coef * self.aux(logits_TE, scores_TE, expert_TK)
+        aux = balance + self._zloss(logits_TE)
         return Routing(
             logits_TE=logits_TE, token_EC=token_EC, weight_EC=weight_EC, capacity=capacity, num_tokens=T,
             aux_loss=aux, num_dropped=dropped, num_assignments=T * K,

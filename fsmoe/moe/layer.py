@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,7 +67,24 @@ class MoELayer(nn.Module):
     """``forward(x) -> y`` for x of shape (..., D); all tokens form one routing group.
 
     ``expert_block`` runs dispatch → experts → combine: the default :class:`ExpertBlock`, or one that
-    distribution code swaps in from outside (:func:`fsmoe.parallel.parallelize.apply_pipeline`)."""
+    distribution code swaps in from outside (:func:`fsmoe.parallel.parallelize.apply_pipeline`).
+
+    **Input.** ``x`` must be a floating-point tensor (a Python list, a NumPy array or an integer or bool
+    tensor is refused with a ``ValueError`` naming its type) with at least one token. Its dtype must be
+    the parameters' dtype: the layer does not cast (a float16/bfloat16/float64 input to a float32 layer
+    is refused, naming both dtypes), because a silent cast would hide a precision change and a copy of
+    every activation. Cast the input, convert the layer (``layer.to(torch.bfloat16)``), or run under
+    ``torch.autocast``, which picks the compute dtype op by op (the check is skipped there).
+
+    **Non-finite tokens.** A token whose features hold a NaN or an inf only spoils its own output row,
+    under both orders, for the top-k and expert-choice gates: the experts work row by row and the
+    orders keep a bad row out of the other tokens' sums (see :class:`~fsmoe.moe.order.EinsumOrder`).
+    What remains: (1) routing still sends the bad token somewhere (its scores are NaN: top-k picks its
+    lowest-index experts, the ``probability`` drop policy and expert-choice rank it first), so it takes
+    capacity slots and may displace a finite token; (2) the aux losses average over all tokens, so a
+    non-zero ``aux_loss_coef`` / ``z_loss_coef`` gives a NaN aux loss (a zero coefficient gives 0);
+    (3) parameter gradients sum over all tokens, so a loss that includes the bad row gives NaN gradients;
+    (4) SoftMoE mixes every token into every slot, so there one bad token spoils every output row."""
 
     def __init__(
         self,
@@ -109,8 +127,19 @@ class MoELayer(nn.Module):
         self.hooks.append(hook)
 
     def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(
+                f"MoE input must be a torch.Tensor of shape (..., D={self.d_model}), got {type(x).__name__}"
+            )
         if not x.is_floating_point():
             raise ValueError(f"MoE input must be floating point, got dtype {x.dtype}")
+        dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        if len(dtypes) == 1 and x.dtype not in dtypes and not torch.is_autocast_enabled(x.device.type):
+            (dtype,) = dtypes
+            raise ValueError(
+                f"MoE input dtype {x.dtype} does not match the layer's parameters ({dtype}); the layer does "
+                f"not cast: pass x.to({dtype}), convert the layer with .to({x.dtype}), or use torch.autocast"
+            )
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"MoE input must have trailing dim D={self.d_model}, got shape {tuple(x.shape)}"

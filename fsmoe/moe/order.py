@@ -10,11 +10,16 @@ empty slot) and give identical results:
 * ``index`` — Tutel-style: an index gather for Order and a weighted scatter-add for I-Order; O(E·C·D).
 
 SoftMoE's routing is dense, so for it both orders are the same pair of matmuls.
+
+A token with a NaN or inf feature spoils only its own slots and its own output row in both orders
+(forward, and the input gradients of the other tokens); in SoftMoE every slot mixes every token, so
+there it spoils everything.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fsmoe.config import ORDER_NAMES
@@ -44,8 +49,34 @@ class Order:
         raise NotImplementedError
 
 
+def gather_rows(x_TD: Tensor, token_EC: Tensor) -> Tensor:
+    """x_ECD[e, c] = x_TD[token_EC[e, c]]; an empty slot (index T) reads a zero row."""
+    E, C = token_EC.shape
+    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    return x_pad.index_select(0, token_EC.reshape(-1)).view(E, C, -1)
+
+
+def scatter_rows(y_ECD: Tensor, token_EC: Tensor, num_tokens: int) -> Tensor:
+    """y_TD[t] = Σ over the slots (e, c) holding t of y_ECD[e, c]; empty slots add nothing."""
+    D = y_ECD.shape[-1]
+    return y_ECD.new_zeros(num_tokens + 1, D).index_add(0, token_EC.reshape(-1), y_ECD.reshape(-1, D))[:num_tokens]
+
+
+def non_finite_rows(x_ND: Tensor) -> Tensor:
+    """(..., 1) bool: whether a row holds a NaN or an inf."""
+    return ~torch.isfinite(x_ND).all(dim=-1, keepdim=True)
+
+
 class EinsumOrder(Order):
-    """GShard ordering: dispatch_TEC one-hot, combine_TEC = dispatch · weight; two einsums."""
+    """GShard ordering: dispatch_TEC one-hot, combine_TEC = dispatch · weight; two einsums.
+
+    A mask einsum multiplies every row by every mask entry, and 0 · NaN = NaN, so one non-finite row
+    would turn every slot (Order) or every output row (I-Order) NaN. Both einsums therefore read their
+    input with the non-finite rows zeroed, and those rows go where the index order puts them (a gather
+    for Order, a scatter-add for I-Order), so a bad row reaches only its own slots and its own output
+    row, as in the index order. On finite input every ``where`` picks the einsum, so results are
+    unchanged bit for bit; the price is O(T·D + E·C·D) extra work beside the einsums' O(T·E·C·D), and
+    no sync."""
 
     name = "einsum"
 
@@ -64,11 +95,18 @@ class EinsumOrder(Order):
         return mask_TEC
 
     def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        return torch.einsum("tec,td->ecd", self._mask(routing, x_TD.dtype), x_TD)
+        bad_T1 = non_finite_rows(x_TD)
+        x_ECD = torch.einsum("tec,td->ecd", self._mask(routing, x_TD.dtype), x_TD.masked_fill(bad_T1, 0))
+        bad_EC1 = F.pad(bad_T1, (0, 0, 0, 1))[routing.token_EC]  # row T (empty slots) is never bad
+        return torch.where(bad_EC1, gather_rows(x_TD, routing.token_EC), x_ECD)
 
     def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
         weighted_ECD = y_ECD * routing.weight_EC.unsqueeze(-1).to(y_ECD.dtype)
-        return torch.einsum("tec,ecd->td", self._mask(routing, y_ECD.dtype), weighted_ECD)
+        bad_EC1 = non_finite_rows(weighted_ECD)
+        y_TD = torch.einsum("tec,ecd->td", self._mask(routing, y_ECD.dtype), weighted_ECD.masked_fill(bad_EC1, 0))
+        # The non-finite slots' sums reach only their own tokens; a non-finite sum never turns finite.
+        bad_only_TD = scatter_rows(weighted_ECD.masked_fill(~bad_EC1, 0), routing.token_EC, routing.num_tokens)
+        return torch.where(non_finite_rows(bad_only_TD), y_TD + bad_only_TD, y_TD)
 
 
 class IndexOrder(Order):
@@ -78,15 +116,11 @@ class IndexOrder(Order):
     name = "index"
 
     def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        E, C = routing.token_EC.shape
-        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
-        return x_pad.index_select(0, routing.token_EC.reshape(-1)).view(E, C, -1)
+        return gather_rows(x_TD, routing.token_EC)
 
     def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
-        T, D = routing.num_tokens, y_ECD.shape[-1]
-        y_ND = y_ECD.reshape(-1, D) * routing.weight_EC.reshape(-1, 1).to(y_ECD.dtype)
-        out = y_ND.new_zeros(T + 1, D).index_add(0, routing.token_EC.reshape(-1), y_ND)
-        return out[:T]
+        weighted_ECD = y_ECD * routing.weight_EC.unsqueeze(-1).to(y_ECD.dtype)
+        return scatter_rows(weighted_ECD, routing.token_EC, routing.num_tokens)
 
 
 ORDERS: dict[str, type[Order]] = {"einsum": EinsumOrder, "index": IndexOrder}
