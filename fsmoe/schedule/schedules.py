@@ -4,7 +4,11 @@ A schedule decides (1) how many chunks each pass uses, (2) which channel each co
 with one communication channel, intra- and inter-node collectives serialise, as on one stream — and
 (3) the CPU issue order. The fsmoe order issues, per pass, every chunk's first AlltoAll and
 AllGather, then every expert and ReduceScatter, then every second AlltoAll: a waiting AlltoAll can then
-never block the issue of later chunks' expert work (head-of-line blocking, digest §7.2). In backward
+never block the issue of later chunks' expert work (head-of-line blocking, digest §7.2). With one
+communication channel (every schedule but ``fsmoe``) each chunk's ReduceScatter and second AlltoAll are
+issued right behind its expert instead — Tutel's order: batched, every second AlltoAll would queue on
+the one FIFO lane behind the last chunk's ReduceScatter, i.e. behind the last expert, and the combines
+would not overlap the experts at all. In backward
 the layer's Gradient-AllReduce slice (``gar``) is issued on the inter channel right after the last
 first-AlltoAll chunk, so it fills the inter-node link while experts compute (paper Fig. 3d).
 
@@ -56,8 +60,11 @@ def _pass(spec: ScheduleSpec, kinds: tuple[str, ...], r: int, gar: bool) -> list
     for i in range(r):
         add(expert, i, (gather, i))
         add(reduce, i, (expert, i))
-    for i in range(r):
-        add(second, i, (reduce, i))
+        if not spec.separate_channels:  # one FIFO lane: chunk i's combine must not queue behind chunk r-1
+            add(second, i, (reduce, i))
+    if spec.separate_channels:
+        for i in range(r):
+            add(second, i, (reduce, i))
     check_tasks(tasks)
     return tasks
 

@@ -1,0 +1,536 @@
+"""Performance models of the pipelined MoE block: workloads, the paper's closed forms, an exact evaluator.
+
+Legend: T tokens per rank, D model dim (the paper's M), H expert hidden (full; a rank holds H/S),
+E experts, e = E/W local experts, W = N_EP, S = N_ESP, K top-k, C capacity slots per expert,
+R pipeline degree, F dense MLP hidden. Times in seconds; collective workloads n in bytes, GEMM
+workloads in multiply-accumulates (MACs), as in :mod:`fsmoe.perf.costs`.
+
+Three layers, each usable alone:
+
+* :class:`LayerWork` — what one MoE layer moves and computes on one rank, with the exact shapes of
+  :mod:`fsmoe.schedule.pipelined` and :mod:`fsmoe.parallel.dispatch` (see its docstring).
+* The closed forms of paper §4 (digest §4.1–4.4): per-chunk times (Eq. 1, :meth:`PassModel.chunk`),
+  predicates Q1–Q7 (:func:`predicates`), Cases 1–4 with their times (:func:`case_time`, Eq. 2), the
+  case that holds (:func:`closed_form`) and the inter-node window each case leaves (:func:`window`,
+  §5.2). Forward: t_gar = 0 and the ``expert_fwd`` line. Backward: the ``expert_bwd`` line at the same
+  n — the measured backward *time* (≈ 2× forward: dgrad + wgrad), not the forward n doubled — and the
+  layer's t_gar. No-IIO (one communication channel): AllGather and ReduceScatter serialise with the
+  AlltoAll, folded into it (``PassModel.one_channel``).
+* :func:`play` — an exact evaluator of the schedule IR (:mod:`fsmoe.schedule.schedules`) under the
+  runtime's semantics (:mod:`fsmoe.schedule.runtime`): compute in list order, each communication lane
+  FIFO in list order (one-channel schedules share one lane, :func:`~fsmoe.schedule.schedules.lanes_for`),
+  a task starting when its lane is free and its dependencies are done. :func:`play_pass` feeds it the
+  modelled durations of one pass of one layer.
+
+Which collectives use the *busy* lines (measured under concurrent compute, :meth:`Costs.op`): those
+that overlap expert compute. With r = 1 nothing overlaps (the block runs one task at a time), so every
+collective is idle. With r > 1 every chunk's collectives overlap some other chunk's expert except the
+pipeline's fill and drain: the first-half collectives (dispatch, gather; backward: combine_bwd,
+reduce_bwd) of chunk 0, which run before any expert starts, and the second-half ones (reduce, combine;
+backward: gather_bwd, dispatch_bwd) of chunk r−1, which run after the last expert ends. A
+Gradient-AllReduce slice inside the block (``gar``) always overlaps the experts (busy). The closed forms
+describe the pipelined steady state and take the busy lines (:meth:`PassModel.of`, ``busy=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+from fsmoe.config import JobConfig, ModelConfig, ScheduleSpec
+from fsmoe.moe.gates import capacity_for, fit_capacity
+from fsmoe.perf.costs import Costs, Linear
+from fsmoe.schedule.ir import Task
+from fsmoe.schedule.runtime import TraceEvent
+from fsmoe.schedule.schedules import backward_tasks, forward_tasks, lanes_for
+
+FP32_BYTES = 4
+GEMMS = {"ffn": 2, "swiglu": 3}  # GEMMs of one expert (each E·C·D·H MACs per rank, see LayerWork)
+
+
+# --- workloads -----------------------------------------------------------------------------------------------
+def tokens_per_rank(job: JobConfig) -> int:
+    """T of a training job: each rank holds batch_size/dense_dp sequences of seq_len/mp tokens (sequence
+    parallelism), and routes them as one group."""
+    par, m = job.parallel, job.model
+    return job.train.batch_size // par.dense_dp * (m.seq_len // par.mp)
+
+
+@dataclass(kw_only=True, frozen=True)
+class LayerWork:
+    """One MoE layer's work on one rank, in the shapes the pipelined block moves (fp32).
+
+    * Dispatch sends this rank's (E, C, D) slots, cut into W pieces: n_a2a = E·C·D·4 bytes (the whole
+      send buffer; the combine moves the same). W = 1: no AlltoAll, n_a2a = 0.
+    * The ESP AllGather turns (e, W·C, D) into (e, S·W·C, D): n_ag = e·S·W·C·D·4 = S·E·C·D·4 bytes, the
+      gathered size; the ReduceScatter takes the same (n_rs = n_ag). S = 1: no AllGather/ReduceScatter.
+    * The experts run (e, S·W·C, D) slots with H/S hidden: each GEMM is e·(S·W·C)·D·(H/S) = E·C·D·H
+      MACs, n_exp = GEMMS[expert]·E·C·D·H (forward; the backward runs its own line at the same n).
+    * Gate + Order + I-Order: n_gate = T·D·(logits per token: E, or E·slots for SoftMoE).
+    * The dense part (attention) of its block: n_dense = T·D² (:class:`BlockWork`).
+
+    C is the gate's capacity (:func:`fsmoe.moe.gates.capacity_for`; with no capacity factor the
+    balanced estimate ceil(K·T/E), ``capacity_estimated``) padded to ``capacity_multiple`` =
+    lcm(r_fwd, r_bwd) as the layer pads it (:meth:`padded`), so padding changes every n."""
+
+    tokens: int
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    ep: int = 1
+    esp: int = 1
+    gemms: int = 2
+    gate_width: int
+    capacity_gate: int
+    capacity_multiple: int = 1
+    capacity_estimated: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "d_model", "d_hidden", "num_experts", "ep", "esp", "gemms", "gate_width",
+                     "capacity_gate", "capacity_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LayerWork: {name} must be an int >= 1, got {value!r}")
+        if self.num_experts % self.ep:
+            raise ValueError(f"LayerWork: E={self.num_experts} is not divisible by EP={self.ep}")
+        if self.d_hidden % self.esp:
+            raise ValueError(f"LayerWork: H={self.d_hidden} is not divisible by ESP={self.esp}")
+
+    @property
+    def capacity(self) -> int:
+        """C as the block runs it: the gate's C rounded up to ``capacity_multiple`` (``fit_capacity``)."""
+        return fit_capacity(self.capacity_gate, multiple=self.capacity_multiple)
+
+    def padded(self, multiple: int) -> LayerWork:
+        """This layer with C padded to a multiple of ``multiple`` (lcm(r_fwd, r_bwd))."""
+        return replace(self, capacity_multiple=multiple)
+
+    @property
+    def n_a2a(self) -> int:
+        return self.num_experts * self.capacity * self.d_model * FP32_BYTES if self.ep > 1 else 0
+
+    @property
+    def n_ag(self) -> int:
+        return self.esp * self.num_experts * self.capacity * self.d_model * FP32_BYTES if self.esp > 1 else 0
+
+    @property
+    def n_rs(self) -> int:
+        return self.n_ag
+
+    @property
+    def n_exp(self) -> int:
+        return self.gemms * self.num_experts * self.capacity * self.d_model * self.d_hidden
+
+    @property
+    def n_gate(self) -> int:
+        return self.tokens * self.d_model * self.gate_width
+
+    @property
+    def n_dense(self) -> int:
+        """One attention of this rank's T tokens in the ``dense_*`` lines' unit, T·D² (see :class:`BlockWork`)."""
+        return self.tokens * self.d_model * self.d_model
+
+    def to_dict(self) -> dict[str, int | bool]:
+        return {"tokens": self.tokens, "capacity_gate": self.capacity_gate, "capacity": self.capacity,
+                "capacity_estimated": self.capacity_estimated, "n_a2a": self.n_a2a, "n_ag": self.n_ag,
+                "n_rs": self.n_rs, "n_exp": self.n_exp, "n_gate": self.n_gate, "n_dense": self.n_dense}
+
+
+def layer_work(job: JobConfig, *, tokens: int | None = None) -> LayerWork:
+    """The work of each MoE layer of ``job`` on one rank: T = ``tokens`` (e.g. ``job.bench.tokens`` for
+    the layer benchmark) or the training job's :func:`tokens_per_rank`."""
+    cfg, par = job.moe, job.parallel
+    T = tokens if tokens is not None else tokens_per_rank(job)
+    E, K = cfg.num_experts, cfg.top_k
+    estimated = False
+    if cfg.gate == "softmoe":
+        capacity, width = cfg.softmoe_slots, E * cfg.softmoe_slots
+    elif cfg.capacity_factor is None:  # C is the busiest expert's load at run time: assume balanced routing
+        balanced = math.ceil(Fraction(K * T, E))
+        capacity, width, estimated = fit_capacity(balanced, minimum=cfg.min_capacity,
+                                                  multiple=cfg.capacity_multiple), E, True
+    else:
+        capacity, width = capacity_for(T, E, K, cfg), E
+    return LayerWork(tokens=T, d_model=job.model.d_model, d_hidden=cfg.d_hidden, num_experts=E, ep=par.ep,
+                     esp=par.esp, gemms=GEMMS[cfg.expert], gate_width=width, capacity_gate=capacity,
+                     capacity_estimated=estimated)
+
+
+@dataclass(kw_only=True, frozen=True)
+class BlockWork:
+    """The dense part of one transformer block on one rank, in units of the ``dense_*`` lines
+    (n = tokens·D²): an attention (its MP shard over mp·T tokens: 4·T·D² MACs) is n_attn = T·D²; a dense
+    MLP (2·D·F MACs per token on T tokens) is F/(2D) attentions, n_mlp = T·D·F/2; an MoE block has
+    none (its MLP is the MoE layer)."""
+
+    moe: bool
+    n_attn: float
+    n_mlp: float
+
+
+def block_work(model: ModelConfig, tokens: int) -> tuple[BlockWork, ...]:
+    T, D = tokens, model.d_model
+    """Every block's dense work for T = ``tokens`` per rank (n_attn = :attr:`LayerWork.n_dense`)."""
+    return tuple(BlockWork(moe=model.is_moe_layer(i), n_attn=float(T * D * D),
+                           n_mlp=0.0 if model.is_moe_layer(i) else T * D * model.d_ff / 2)
+                 for i in range(model.n_layers))
+
+
+# --- the closed forms (paper §4) -----------------------------------------------------------------------------
+@dataclass(kw_only=True, frozen=True)
+class ChunkTimes:
+    """Per-chunk times of Eq. 1 at one degree r (0 for a collective the layout does not run)."""
+
+    a2a_s: float
+    ag_s: float
+    rs_s: float
+    exp_s: float
+
+
+@dataclass(kw_only=True, frozen=True)
+class PassModel:
+    """The inputs of Eq. 1 for one pass of one MoE block: the α-β lines and workloads of the AlltoAll,
+    AllGather, ReduceScatter and expert compute. ``one_channel`` (No-IIO: tutel, fsmoe_no_iio) folds
+    AllGather and ReduceScatter into the AlltoAll, as they queue on its channel."""
+
+    a2a: Linear
+    ag: Linear
+    rs: Linear
+    exp: Linear
+    n_a2a: float
+    n_ag: float
+    n_rs: float
+    n_exp: float
+    one_channel: bool = False
+
+    @classmethod
+    def of(cls, work: LayerWork, costs: Costs, *, backward: bool, one_channel: bool = False,
+           busy: bool = True) -> PassModel:
+        """Forward (``expert_fwd``) or backward (``expert_bwd``) of ``work``; ``busy``: the collectives'
+        lines measured under concurrent compute, the pipelined steady state."""
+        return cls(a2a=costs.op("a2a", busy=busy), ag=costs.op("ag", busy=busy), rs=costs.op("rs", busy=busy),
+                   exp=costs.op("expert_bwd" if backward else "expert_fwd"), n_a2a=work.n_a2a, n_ag=work.n_ag,
+                   n_rs=work.n_rs, n_exp=work.n_exp, one_channel=one_channel)
+
+    def chunk(self, r: float) -> ChunkTimes:
+        """Eq. 1: t_x,r = α_x + (n_x / r)·β_x for each task x (0 when n_x = 0: no such collective). With
+        ``one_channel``: t_a2a ← t_a2a + (t_ag + t_rs)/2 and t_ag = t_rs = 0, so that 2·t_a2a is the
+        chunk's whole communication on the one channel."""
+        a2a, ag, rs = (line.chunk(n, r) if n > 0 else 0.0
+                       for line, n in ((self.a2a, self.n_a2a), (self.ag, self.n_ag), (self.rs, self.n_rs)))
+        exp = self.exp.chunk(self.n_exp, r)
+        return self._fold(a2a, ag, rs, exp)
+
+    def slope(self, r: float) -> ChunkTimes:
+        """d/dr of :meth:`chunk`: −n_x·β_x / r² per task (for SLSQP's gradients)."""
+        a2a, ag, rs, exp = (-line.beta_s * n / (r * r) if n > 0 else 0.0 for line, n in (
+            (self.a2a, self.n_a2a), (self.ag, self.n_ag), (self.rs, self.n_rs), (self.exp, self.n_exp)))
+        return self._fold(a2a, ag, rs, exp)
+
+    def _fold(self, a2a: float, ag: float, rs: float, exp: float) -> ChunkTimes:
+        if self.one_channel:
+            return ChunkTimes(a2a_s=a2a + (ag + rs) / 2, ag_s=0.0, rs_s=0.0, exp_s=exp)
+        return ChunkTimes(a2a_s=a2a, ag_s=ag, rs_s=rs, exp_s=exp)
+
+
+@dataclass(kw_only=True, frozen=True)
+class Predicates:
+    """Q1–Q7 of paper §4.2 (digest table) at one r and t_gar:
+
+    Q1 t_a2a > t_ag; Q2 r·t_exp > 2(r−1)·t_a2a; Q3 r·t_exp > (r−1)(t_ag + t_rs); Q4 t_gar > t_ag + t_rs;
+    Q5 t_gar > r·t_exp − 2(r−1)·t_a2a + t_ag + t_rs; Q6 t_gar > r·t_ag + r·t_rs − 2(r−1)·t_a2a;
+    Q7 t_gar > t_ag + t_rs + r·t_exp − 2(r−1)·t_a2a."""
+
+    q1: bool
+    q2: bool
+    q3: bool
+    q4: bool
+    q5: bool
+    q6: bool
+    q7: bool
+
+
+def predicate_margins(c: ChunkTimes, r: float, t_gar: float) -> tuple[float, ...]:
+    """Q1–Q7 as margins m_i (Q_i ⇔ m_i > 0), the inequality constraints of Algorithm 1."""
+    a, g, s, x = c.a2a_s, c.ag_s, c.rs_s, c.exp_s
+    return (a - g, r * x - 2 * (r - 1) * a, r * x - (r - 1) * (g + s), t_gar - (g + s),
+            t_gar - (r * x - 2 * (r - 1) * a + g + s), t_gar - (r * g + r * s - 2 * (r - 1) * a),
+            t_gar - (g + s + r * x - 2 * (r - 1) * a))
+
+
+def predicates(c: ChunkTimes, r: float, t_gar: float = 0.0) -> Predicates:
+    m = predicate_margins(c, r, t_gar)
+    return Predicates(**{f"q{i + 1}": m[i] > 0 for i in range(7)})
+
+
+# Each case's condition (paper Fig. 4) as a disjunction of conjunctions of signed predicates: (i, True)
+# means Q_i, (i, False) means ¬Q_i. Algorithm 1 solves one SLSQP sub-problem per conjunction.
+CASE_CLAUSES: dict[int, tuple[tuple[tuple[int, bool], ...], ...]] = {
+    1: (((1, True), (2, False), (4, True)), ((1, True), (2, True), (5, True)),
+        ((1, False), (3, False), (6, True)), ((1, False), (3, True), (7, True))),
+    2: (((1, True), (2, True), (5, False)), ((1, False), (3, True), (7, False))),
+    3: (((1, True), (2, False), (4, False)),),
+    4: (((1, False), (3, False), (6, False)),),
+}
+CASE_WORDS = {1: "inter-node AlltoAll + GAR bound", 2: "expert compute bound", 3: "inter-node AlltoAll bound",
+              4: "intra-node AllGather/ReduceScatter bound"}
+ONE_CHANNEL_WORDS = {1: "communication + GAR bound (one channel)", 2: "expert compute bound",
+                     3: "communication bound (one channel: AlltoAll + AllGather/ReduceScatter)"}
+
+
+def case_of(q: Predicates) -> int:
+    """The case whose condition holds (paper §4.3); exactly one does."""
+    flags = (q.q1, q.q2, q.q3, q.q4, q.q5, q.q6, q.q7)
+    for case, clauses in CASE_CLAUSES.items():
+        if any(all(flags[i - 1] == want for i, want in clause) for clause in clauses):
+            return case
+    raise AssertionError(f"no case holds for {q}")  # the conditions partition every (Q1..Q7)
+
+
+def case_time(case: int, c: ChunkTimes, r: float, t_gar: float = 0.0) -> float:
+    """The time of one pass in ``case`` (paper §4.3):
+
+    Case 1 (inter-node bound, Eq. 2): t₁ = 2r·t_a2a + t_gar;
+    Case 2 (expert compute bound):   t₂ = 2·t_a2a + t_ag + t_rs + r·t_exp;
+    Case 3 (AlltoAll bound):         t₃ = 2r·t_a2a + t_ag + t_rs;
+    Case 4 (intra-node bound):       t₄ = 2·t_a2a + r·t_ag + r·t_rs.
+
+    Each is the length of one chain of tasks of the fsmoe schedule (the inter channel's work; the
+    first dispatch, every expert, the last combine; the inter channel with one ReduceScatter wait; the
+    intra channel's work), so each bounds the makespan from below and Q1–Q7 pick the longest."""
+    a, g, s, x = c.a2a_s, c.ag_s, c.rs_s, c.exp_s
+    if case == 1:
+        return 2 * r * a + t_gar
+    if case == 2:
+        return 2 * a + g + s + r * x
+    if case == 3:
+        return 2 * r * a + g + s
+    if case == 4:
+        return 2 * a + r * g + r * s
+    raise ValueError(f"unknown case {case}; the cases are 1, 2, 3, 4")
+
+
+def closed_form(pm: PassModel, r: float, t_gar: float = 0.0) -> tuple[int, float]:
+    """(case, time) of one pass at degree r with ``t_gar`` of Gradient-AllReduce inside it (0 forward)."""
+    c = pm.chunk(r)
+    case = case_of(predicates(c, r, t_gar))
+    return case, case_time(case, c, r, t_gar)
+
+
+def window(case: int, c: ChunkTimes, r: float) -> float:
+    """t_olp,moe (digest §5.2): the inter-node idle time a backward pass at degree r leaves for a
+    Gradient-AllReduce (with t_gar = 0 only Cases 2–4 occur): Case 2 r·t_exp + t_ag + t_rs − 2(r−1)·t_a2a;
+    Case 3 t_ag + t_rs; Case 4 r·t_ag + r·t_rs − 2(r−1)·t_a2a."""
+    a, g, s, x = c.a2a_s, c.ag_s, c.rs_s, c.exp_s
+    if case == 2:
+        return max(r * x + g + s - 2 * (r - 1) * a, 0.0)
+    if case == 3:
+        return g + s
+    if case == 4:
+        return max(r * g + r * s - 2 * (r - 1) * a, 0.0)
+    return 0.0
+
+
+# --- the exact evaluator ---------------------------------------------------------------------------------------
+@dataclass(kw_only=True, frozen=True)
+class TaskSpan:
+    """One task as played: ``lane`` is where it ran (``compute`` or a communication lane)."""
+
+    kind: str
+    chunk: int
+    lane: str
+    start_s: float
+    end_s: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}[{self.chunk}]"
+
+
+@dataclass(kw_only=True, frozen=True)
+class Timeline:
+    """A played task list: the makespan and every task's span, in list order."""
+
+    makespan_s: float
+    spans: tuple[TaskSpan, ...]
+
+    def span(self, kind: str, chunk: int = 0) -> TaskSpan:
+        for s in self.spans:
+            if (s.kind, s.chunk) == (kind, chunk):
+                return s
+        raise KeyError(f"no task {kind}[{chunk}] in this timeline")
+
+    def predicted_s(self) -> dict[str, float]:
+        """Duration per task name (``dispatch[0]`` …), e.g. to put beside a measured trace."""
+        return {s.name: s.end_s - s.start_s for s in self.spans}
+
+    def trace_events(self, *, rank: int = 0, start_s: float = 0.0) -> list[TraceEvent]:
+        """The spans as :class:`~fsmoe.schedule.runtime.TraceEvent` s on tracks ``predicted:<lane>`` (so
+        :func:`~fsmoe.schedule.runtime.chrome_trace` shows them beside the measured lanes), from ``start_s``."""
+        return [TraceEvent(name=s.name, channel=f"predicted:{s.lane}", start_s=start_s + s.start_s,
+                           end_s=start_s + s.end_s, rank=rank) for s in self.spans]
+
+
+def play(tasks: Sequence[Task], lanes: Mapping[str, str], duration: Callable[[Task], float], *,
+         free_at_s: Mapping[str, float] | None = None) -> Timeline:
+    """Play ``tasks`` as :class:`~fsmoe.schedule.runtime.Runtime` runs them: compute tasks one after
+    another in list order, each communication channel on its lane (``lanes``, from ``lanes_for``) FIFO in
+    list order, every task starting when its lane is free and its dependencies are done:
+    start = max(lane free, ends of deps), end = start + ``duration(task)``. Lanes start free at 0, or at
+    ``free_at_s[lane]``. Exact for the model: deps and lane predecessors precede a task in the list."""
+    free = {"compute": 0.0, **{lane: 0.0 for lane in lanes.values()}}
+    free.update(free_at_s or {})
+    end: dict[tuple[str, int], float] = {}
+    spans = []
+    for t in tasks:
+        lane = "compute" if t.channel == "compute" else lanes[t.channel]
+        start = max([free[lane], *(end[d] for d in t.deps)])
+        stop = start + duration(t)
+        free[lane] = end[t.key] = stop
+        spans.append(TaskSpan(kind=t.kind, chunk=t.chunk, lane=lane, start_s=start, end_s=stop))
+    return Timeline(makespan_s=max((s.end_s for s in spans), default=0.0), spans=tuple(spans))
+
+
+# Task kind -> (operation, first half of the chunk's path?) for both passes. Backward: the gradient's
+# AlltoAll (adjoint of combine), AllGather (adjoint of the ReduceScatter), expert backward,
+# ReduceScatter (adjoint of the AllGather), AlltoAll (adjoint of dispatch).
+KIND_OP: dict[str, tuple[str, bool]] = {
+    "dispatch": ("a2a", True), "gather": ("ag", True), "expert": ("expert_fwd", True), "reduce": ("rs", False),
+    "combine": ("a2a", False), "combine_bwd": ("a2a", True), "reduce_bwd": ("ag", True),
+    "expert_bwd": ("expert_bwd", True), "gather_bwd": ("rs", False), "dispatch_bwd": ("a2a", False),
+}
+
+
+def uses_busy_line(kind: str, chunk: int, r: int) -> bool:
+    """Whether a collective overlaps expert compute (module docstring): never at r = 1; at r > 1 all but
+    the first-half collectives of chunk 0 and the second-half ones of chunk r−1; ``gar`` always."""
+    if kind == "gar":
+        return True
+    if r == 1:
+        return False
+    first_half = KIND_OP[kind][1]
+    return chunk > 0 if first_half else chunk < r - 1
+
+
+def pass_durations(work: LayerWork, costs: Costs, r: int, *, t_gar: float = 0.0) -> Callable[[Task], float]:
+    """Modelled duration of each task of one pass of ``work`` at degree ``r`` (Eq. 1 per chunk, the busy
+    line where :func:`uses_busy_line`); ``gar`` takes ``t_gar``."""
+    n = {"a2a": work.n_a2a, "ag": work.n_ag, "rs": work.n_rs, "expert_fwd": work.n_exp, "expert_bwd": work.n_exp}
+
+    def duration(task: Task) -> float:
+        if task.kind == "gar":
+            return t_gar
+        op = KIND_OP[task.kind][0]
+        if n[op] == 0:  # a size-1 group: the collective returns its input
+            return 0.0
+        return costs.op(op, busy=uses_busy_line(task.kind, task.chunk, r)).chunk(n[op], r)
+
+    return duration
+
+
+@functools.lru_cache(maxsize=256)
+def pass_tasks(spec: ScheduleSpec, r: int, *, backward: bool, with_gar: bool = False) -> tuple[Task, ...]:
+    """The schedule's own task list of one pass (cached: the builders are pure)."""
+    return tuple(backward_tasks(spec, r, with_gar) if backward else forward_tasks(spec, r))
+
+
+def play_pass(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int, *, backward: bool,
+              t_gar: float | None = None, free_at_s: Mapping[str, float] | None = None) -> Timeline:
+    """One pass of one MoE block of ``work`` (pad it first: :meth:`LayerWork.padded`) under ``spec`` at
+    degree ``r``, played by :func:`play`; backward with ``t_gar`` (not None) runs the schedule's
+    Gradient-AllReduce slice (``spec.gar_in_moe``) for that long. ``sequential`` is the r = 1 case."""
+    tasks = pass_tasks(spec, r, backward=backward, with_gar=backward and t_gar is not None)
+    return play(tasks, lanes_for(spec), pass_durations(work, costs, r, t_gar=t_gar or 0.0), free_at_s=free_at_s)
+
+
+@dataclass(kw_only=True, frozen=True)
+class GarResponse:
+    """A backward pass's makespan as a function of its Gradient-AllReduce slice: the played schedule is a
+    max-plus system (every start is a max of sums of durations), so makespan(t_gar) = max(A, B + t_gar)
+    exactly, with A the longest path avoiding ``gar`` and B the longest path through it less its
+    duration. ``window_s`` = max(A − B, 0) is the slice that fits for free (t_olp,moe, §5.2, measured on
+    the played schedule). A block without a GAR slot has B = −∞ and no window."""
+
+    a_s: float
+    b_s: float
+
+    def __call__(self, t_gar: float) -> float:
+        return max(self.a_s, self.b_s + t_gar)
+
+    @property
+    def window_s(self) -> float:
+        return max(self.a_s - self.b_s, 0.0) if math.isfinite(self.b_s) else 0.0
+
+
+def gar_response(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int) -> GarResponse:
+    """A and B of :class:`GarResponse` from two plays (durations do not depend on t_gar); B = −∞ when
+    the schedule runs no GAR slot inside the block (``spec.gar_in_moe`` False)."""
+    base = play_pass(spec, work, costs, r, backward=True).makespan_s
+    if not spec.gar_in_moe:
+        return GarResponse(a_s=base, b_s=-math.inf)
+    big = 2.0 * base + 1.0  # long enough that the path through gar is the longest: B + big > A
+    b = play_pass(spec, work, costs, r, backward=True, t_gar=big).makespan_s - big
+    return GarResponse(a_s=base, b_s=b)
+
+
+def degrees_up_to(max_degree: int) -> tuple[int, ...]:
+    """The feasible degrees: powers of two up to ``max_degree`` (equal chunks after padding C to lcm)."""
+    if max_degree < 1:
+        raise ValueError(f"max_degree must be >= 1, got {max_degree}")
+    return tuple(2**k for k in range(max_degree.bit_length()) if 2**k <= max_degree)
+
+
+def padded_for(work: LayerWork, r_fwd: int, r_bwd: int) -> LayerWork:
+    """``work`` padded as the pipelined block pads it: C a multiple of lcm(r_fwd, r_bwd)."""
+    return work.padded(math.lcm(r_fwd, r_bwd))
+
+
+
+
+# --- one layer at every degree pair ----------------------------------------------------------------------------
+def degree_pairs(spec: ScheduleSpec, max_degree: int = 8) -> tuple[tuple[int, int], ...]:
+    """Every (r_fwd, r_bwd) ``spec`` allows with powers of two up to ``max_degree``: (1, 1) without
+    pipelining, r_fwd = r_bwd without independent degrees. Smallest first (padding, then r_fwd + r_bwd),
+    so that ties go to the cheaper pipeline and r = 1 wins when pipelining does not pay."""
+    rs = degrees_up_to(max_degree) if spec.pipelined else (1,)
+    pairs = [(f, b) for f in rs for b in rs if spec.independent_degrees or f == b]
+    return tuple(sorted(pairs, key=lambda p: (max(p), sum(p), p[0])))
+
+
+@dataclass(kw_only=True, frozen=True)
+class LayerTable:
+    """One MoE layer under one schedule, played at each degree pair (C padded to lcm(r_fwd, r_bwd)): the
+    forward block's makespan and the backward's :class:`GarResponse`."""
+
+    pairs: tuple[tuple[int, int], ...]
+    fwd_s: tuple[float, ...]
+    bwd: tuple[GarResponse, ...]
+
+    def total_s(self, k: int, t_gar: float = 0.0) -> float:
+        return self.fwd_s[k] + self.bwd[k](t_gar)
+
+    def best(self, t_gar: float = 0.0) -> int:
+        """The pair minimising forward + backward with ``t_gar`` inside the backward (first on ties)."""
+        return min(range(len(self.pairs)), key=lambda k: (self.total_s(k, t_gar), k))
+
+
+def layer_table(spec: ScheduleSpec, work: LayerWork, costs: Costs,
+                pairs: Sequence[tuple[int, int]]) -> LayerTable:
+    fwd, bwd = [], []
+    for r_fwd, r_bwd in pairs:
+        w = padded_for(work, r_fwd, r_bwd)
+        fwd.append(play_pass(spec, w, costs, r_fwd, backward=False).makespan_s)
+        bwd.append(gar_response(spec, w, costs, r_bwd))
+    return LayerTable(pairs=tuple(pairs), fwd_s=tuple(fwd), bwd=tuple(bwd))
+
+
+__all__ = [
+    "BlockWork", "CASE_CLAUSES", "CASE_WORDS", "ChunkTimes", "FP32_BYTES", "GarResponse", "LayerTable", "LayerWork",
+    "ONE_CHANNEL_WORDS", "PassModel", "Predicates", "TaskSpan", "Timeline", "block_work", "case_of", "case_time",
+    "closed_form", "degree_pairs", "degrees_up_to", "gar_response", "layer_table", "layer_work", "padded_for",
+    "pass_durations", "pass_tasks", "play", "play_pass", "predicate_margins", "predicates", "tokens_per_rank",
+    "uses_busy_line", "window",
+]

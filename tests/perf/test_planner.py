@@ -1,0 +1,296 @@
+"""The planner: Algorithm 1 against a dense grid, the chosen degrees against brute force over the feasible
+set, the modelled step by hand, and the gradient partition (readiness, never worse than no partition)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fsmoe.config import JobConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig, get_schedule
+from fsmoe.models.gpt_moe import GPTMoE
+from fsmoe.parallel.grad_plan import TAIL, PlannedGradSync, StreamLayout, parse_plan
+from fsmoe.parallel.grad_sync import REPLICA_ATTR
+from fsmoe.parallel.parallelize import gpt_gradient_stream
+from fsmoe.perf.costs import Costs, Linear
+from fsmoe.perf.model import (
+    BlockWork,
+    GarResponse,
+    LayerTable,
+    LayerWork,
+    PassModel,
+    case_time,
+    closed_form,
+    degree_pairs,
+    layer_work,
+    padded_for,
+    play_pass,
+)
+from fsmoe.perf.partition import StepModel, StreamBytes, partition, rank_stream, replica_sizes
+from fsmoe.perf.planner import algorithm1, plan_job, plan_layer, predict_layer, step_model
+from tests.dist_utils import run_distributed
+
+WORK = LayerWork(tokens=256, d_model=64, d_hidden=128, num_experts=4, ep=2, esp=2, gemms=2, gate_width=4,
+                 capacity_gate=100)
+
+
+def L(alpha: float, beta: float) -> Linear:
+    return Linear(alpha_s=alpha, beta_s=beta)
+
+
+def make_costs(*, a2a: Linear, ag: Linear, exp: Linear, gar: Linear | None = None, busy: float = 1.0) -> Costs:
+    """Synthetic costs (no profiling); ``busy`` scales the collectives measured under compute."""
+    gar = gar or L(1e-4, 2e-9)
+    ops = {"a2a": a2a, "ag": ag, "rs": ag, "gar": gar, "expert_fwd": exp, "expert_bwd": exp.scaled(2),
+           "gate_fwd": L(1e-5, 1e-11), "gate_bwd": L(2e-5, 2e-11), "dense_fwd": L(1e-4, 1e-10),
+           "dense_bwd": L(2e-4, 2e-10)}
+    busy_ops = {} if busy == 1.0 else {k: ops[k].scaled(busy) for k in ("a2a", "ag", "rs", "gar")}
+    return Costs(ops=ops, busy=busy_ops)
+
+
+COSTS = {  # per-chunk regimes for WORK: AlltoAll bound, compute bound, intra bound, mixed with startup costs
+    "a2a": make_costs(a2a=L(2e-4, 2e-8), ag=L(5e-5, 1e-10), exp=L(1e-5, 1e-11)),
+    "compute": make_costs(a2a=L(1e-4, 1e-9), ag=L(5e-5, 1e-10), exp=L(1e-5, 4e-10)),
+    "intra": make_costs(a2a=L(1e-4, 1e-9), ag=L(1e-4, 2e-8), exp=L(1e-5, 1e-11)),
+    "mixed": make_costs(a2a=L(2e-3, 8e-9), ag=L(1e-3, 2e-9), exp=L(5e-4, 1e-10), busy=1.8),
+}
+
+
+# --- Algorithm 1 -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(COSTS))
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("t_gar", [0.0, 1e-3, 2e-2])
+@pytest.mark.parametrize("one_channel", [False, True])
+def test_algorithm1_finds_the_continuous_optimum(name: str, backward: bool, t_gar: float, one_channel: bool) -> None:
+    """SLSQP over the cases' constraints reaches the minimum of the closed form: what it claims is achieved
+    at its r*, and no point of a dense grid of r ∈ [1, 8] is better (the optimum may lie between points)."""
+    pm = PassModel.of(WORK, COSTS[name], backward=backward, one_channel=one_channel)
+    grid = np.linspace(1.0, 8.0, 7001)
+    brute = min(closed_form(pm, r, t_gar)[1] for r in grid)
+    got = algorithm1(pm, t_gar=t_gar, max_degree=8)
+    assert closed_form(pm, got.r_star, t_gar)[1] == pytest.approx(got.time_star_s, rel=1e-9)
+    # its case's formula gives that time (at an optimum on a case boundary either case may be named)
+    assert case_time(got.case, pm.chunk(got.r_star), got.r_star, t_gar) == pytest.approx(got.time_star_s, rel=1e-9)
+    assert got.time_star_s <= brute * (1 + 1e-9)
+    assert got.time_star_s >= brute * (1 - 1e-3)  # the grid's resolution
+    assert got.r in (1, 2, 4, 8) and abs(np.log2(got.r) - np.log2(got.r_star)) <= 1  # a neighbouring power of 2
+
+
+def test_algorithm1_rounds_with_capacity_padding() -> None:
+    pm = PassModel.of(WORK, COSTS["compute"], backward=False)
+    got = algorithm1(pm, max_degree=8, work=WORK, costs=COSTS["compute"])
+    padded = PassModel.of(padded_for(WORK, got.r, got.r), COSTS["compute"], backward=False)
+    assert got.time_s == pytest.approx(closed_form(padded, got.r)[1], rel=1e-12)
+
+
+# --- degrees -----------------------------------------------------------------------------------------------------
+def brute_force(spec_name: str, work: LayerWork, costs: Costs, t_gar: float) -> dict[tuple[int, int], float]:
+    """Forward + backward of every feasible pair, played afresh (C padded to lcm(r_fwd, r_bwd))."""
+    spec = get_schedule(spec_name)
+    rs = (1, 2, 4, 8) if spec.pipelined else (1,)
+    out = {}
+    for f in rs:
+        for b in rs:
+            if f != b and not spec.independent_degrees:
+                continue
+            w = work.padded(int(np.lcm(f, b)))
+            gar = t_gar if spec.gar_in_moe else None
+            out[(f, b)] = (play_pass(spec, w, costs, f, backward=False).makespan_s
+                           + play_pass(spec, w, costs, b, backward=True, t_gar=gar).makespan_s)
+    return out
+
+
+@pytest.mark.parametrize("name", list(COSTS))
+@pytest.mark.parametrize("spec", ["fsmoe", "fsmoe_no_iio", "tutel", "sequential"])
+@pytest.mark.parametrize("t_gar", [0.0, 5e-3])
+def test_plan_layer_is_the_brute_force_argmin(name: str, spec: str, t_gar: float) -> None:
+    times = brute_force(spec, WORK, COSTS[name], t_gar)
+    lp = plan_layer(spec, WORK, COSTS[name], t_gar=t_gar)
+    best = min(times.values())
+    assert times[(lp.r_fwd, lp.r_bwd)] == pytest.approx(best, rel=1e-12)
+    assert lp.fwd_s + lp.bwd_s == pytest.approx(best, rel=1e-12)
+    assert lp.capacity == WORK.padded(int(np.lcm(lp.r_fwd, lp.r_bwd))).capacity
+
+
+def test_r_is_one_when_pipelining_does_not_pay() -> None:
+    slow_start = make_costs(a2a=L(0.5, 1e-9), ag=L(0.5, 1e-10), exp=L(0.1, 1e-10))  # every chunk pays α
+    lp = plan_layer("fsmoe", WORK, slow_start)
+    assert (lp.r_fwd, lp.r_bwd) == (1, 1)
+    contended = make_costs(a2a=L(1e-4, 1e-8), ag=L(5e-5, 1e-10), exp=L(1e-5, 1e-10), busy=3.0)
+    assert (plan_layer("fsmoe", WORK, contended).r_fwd, plan_layer("fsmoe", WORK, contended).r_bwd) == (1, 1)
+
+
+def test_pipelining_is_chosen_when_it_pays() -> None:
+    balanced = make_costs(a2a=L(1e-5, 1e-8), ag=L(1e-5, 1e-9), exp=L(1e-5, 2e-10))  # a2a 1 ms, experts 1.3 ms
+    lp = plan_layer("fsmoe", WORK, balanced)
+    assert lp.r_fwd > 1 and lp.r_bwd > 1
+    assert lp.bottleneck_fwd in ("expert compute bound", "inter-node AlltoAll bound",
+                                 "intra-node AllGather/ReduceScatter bound")
+
+
+def test_max_degree_bounds_the_search() -> None:
+    assert max(plan_layer("fsmoe", WORK, COSTS["mixed"], max_degree=2).r_fwd, 1) <= 2
+
+
+# --- the gradient stream ---------------------------------------------------------------------------------------
+def small_job(**parallel: int) -> JobConfig:
+    moe = MoEConfig(num_experts=4, top_k=2, d_hidden=32, capacity_factor=1.25)
+    model = ModelConfig(seq_len=16, d_model=16, n_layers=4, n_heads=2, d_ff=64, moe=moe)
+    par = ParallelConfig(**({"nproc": 4, "procs_per_node": 2, "ep": 4} | parallel))
+    return JobConfig(model=model, parallel=par, train=TrainConfig(batch_size=8))
+
+
+def test_rank_stream_without_parallelism_is_the_real_models_stream() -> None:
+    job = small_job(nproc=1, procs_per_node=1, ep=1)
+    torch.manual_seed(0)
+    real = gpt_gradient_stream(GPTMoE(job.model))
+    meta = rank_stream(job)
+    assert meta.slots == real.slots and meta.names == real.names and meta.ready == real.ready
+    assert meta.ready_bytes() == real.ready_bytes()
+
+
+def test_rank_stream_cuts_shards_by_hand() -> None:
+    job = small_job(nproc=4, procs_per_node=4, ep=2, esp=2, mp=2)
+    stream = rank_stream(job)
+    numel = {n: p.numel() for n, p in zip(stream.names, stream.params, strict=True)}
+    kind = {n: p.fsmoe_replicas for n, p in zip(stream.names, stream.params, strict=True)}
+    w1 = "blocks.1.mlp.experts.w1_eDH"
+    assert numel[w1] == (4 // 2) * 16 * (32 // 2) and kind[w1] == "expert_dp"  # e = E/EP, H/ESP
+    assert numel["blocks.1.mlp.experts.b2_eD"] == 2 * 16  # rank 0 owns its ESP group's output bias
+    assert numel["blocks.1.attn.qkv.weight"] == 3 * 16 * 16 // 2 and kind["blocks.1.attn.qkv.weight"] == "dense_dp"
+    assert numel["blocks.1.attn.proj.bias"] == 16 and kind["blocks.1.attn.proj.bias"] == "world"
+    assert replica_sizes(job.parallel) == {"world": 4, "dense_dp": 2, "expert_dp": 1}
+
+
+def _real_stream(rank: int, world: int, job: JobConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """This rank's stream in the real parallelized model: bytes ready per slot, bytes per replica kind."""
+    from fsmoe.parallel.dims import ParallelDims, build_groups
+    from fsmoe.parallel.parallelize import parallelize_gpt
+
+    groups = build_groups(ParallelDims.from_config(job.parallel))
+    torch.manual_seed(0)
+    layout = gpt_gradient_stream(parallelize_gpt(GPTMoE(job.model), groups))
+    return layout.ready_bytes(), bytes_by_kind(layout)
+
+
+def bytes_by_kind(layout: StreamLayout) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for p in layout.params:
+        kind = getattr(p, REPLICA_ATTR, "world")
+        kinds[kind] = kinds.get(kind, 0) + p.numel() * p.element_size()
+    return kinds
+
+
+def test_rank_stream_is_rank_0s_stream_of_the_parallelized_model() -> None:
+    """Oracle: 4 gloo ranks (MP 2, EP 2, ESP 2) parallelize the model; rank 0's slots carry the bytes that
+    rank_stream computes on the meta device, with the same replica kinds."""
+    job = small_job(nproc=4, procs_per_node=4, ep=2, esp=2, mp=2)
+    (ready, kinds), *_ = run_distributed(_real_stream, 4, job, timeout=120)
+    meta = rank_stream(job)
+    assert meta.ready_bytes() == ready
+    assert bytes_by_kind(meta) == kinds
+
+
+def test_stream_fit_by_hand() -> None:
+    job = small_job()  # EP = 4 = world: experts are never all-reduced, everything else is
+    stream = StreamBytes(rank_stream(job), replica_sizes(job.parallel))
+    line = L(1.0, 0.5)  # 0.5 s per byte after α = 1 s
+    pos = np.array([0.0, 0.0, 0.0])
+    got = stream.fit(pos, np.array([0.5, 1.0 + 0.5 * 16, 1e9]), line)
+    assert got[0] == 0.0  # below α: nothing that costs
+    assert stream.comm(got[1:2])[0] == pytest.approx(16)  # 16 bytes of all-reduced gradient fit
+    assert got[2] == stream.total
+
+
+# --- the modelled step -------------------------------------------------------------------------------------------
+def test_step_walk_by_hand() -> None:
+    """Two blocks (0 dense, 1 MoE): slots moe:1 (64 B ready), dense:1 (+1280 B), dense:0 (+2400 B), tail
+    (+9664 B); GAR costs 1 ms per byte; the MoE layer's backward is max(5, 1 + t_gar), its forward 2."""
+    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
+                                                                                         d_hidden=8))
+    layout = gpt_gradient_stream(GPTMoE(cfg))
+    stream = StreamBytes(layout, {"world": 2, "dense_dp": 2, "expert_dp": 2})
+    zero = L(0.0, 0.0)
+    costs = Costs(ops={"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 1e-3), "expert_fwd": zero,
+                       "expert_bwd": zero, "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0),
+                       "dense_bwd": L(0.0, 1.0)})
+    table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(GarResponse(a_s=5.0, b_s=1.0),))
+    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
+    model = StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
+                      costs=costs, stream=stream)
+    none = model.run(fixed=np.zeros((1, 4)))
+    # forward 2 + 1 (dense) + 2 (MoE); backward: MoE 5, attention 1, MLP 1, attention 1, then all 13408 B
+    assert none["step_s"][0] == pytest.approx(5 + 8 + 13.408)
+    greedy = model.run(tau=np.zeros((1, 1)))
+    # moe:1 takes its 64 B (window 4 s); dense:1 its 1280 B in the 3 s before the backward ends; dense:0
+    # the 1000 B that fit in block 0's attention (1 s) once the link is free at 7 s; the tail 11064 B.
+    assert list(greedy["amounts"][0]) == [64, 1280, 1000, 11064]
+    assert greedy["step_s"][0] == pytest.approx(5 + 8 + 11.064)
+    late = model.run(fixed=np.array([[0, 0, 3680, 0]]))  # 3680 B at dense:0 run past the backward
+    assert late["bwd_s"][0] == pytest.approx(7 + 3.68 + 9.728)
+
+
+@pytest.mark.parametrize("name", list(COSTS))
+@pytest.mark.parametrize("spec", ["fsmoe", "fsmoe_no_iio"])
+def test_partition_respects_readiness_and_never_loses(name: str, spec: str) -> None:
+    job = small_job()
+    costs = dataclasses.replace(COSTS[name], ops={**COSTS[name].ops, "gar": L(1e-4, 5e-8)})
+    plan = plan_job(job, costs, schedule=spec)
+    layout = rank_stream(job)
+    PlannedGradSync(layout, plan.gradient_plan, None)  # raises if a range launches an unready gradient
+    assert parse_plan(plan.gar_plan, layout) == plan.gradient_plan
+    ready = layout.ready_bytes()
+    launched = 0
+    for slot, n in plan.slot_bytes:
+        launched += n
+        assert launched <= ready[slot]
+    assert launched == layout.total_bytes and dict(plan.slot_bytes)[TAIL] >= 0
+    stream = StreamBytes(layout, replica_sizes(job.parallel))  # the model plan_job partitions over
+    model = step_model(get_schedule(spec), job, layer_work(job), costs, stream, pairs=degree_pairs(get_schedule(spec)))
+    unpartitioned = model.run(fixed=np.zeros((1, len(layout.slots))))["step_s"][0]
+    step1 = model.run(tau=np.zeros((1, model.n_moe)))["step_s"][0]
+    assert plan.step_s <= unpartitioned * (1 + 1e-12) and plan.step_s <= step1 * (1 + 1e-12)
+    assert partition(model).step_s == plan.step_s  # deterministic
+
+
+def test_job_plan_outputs() -> None:
+    job = small_job()
+    plan = plan_job(job, COSTS["mixed"])
+    assert len(plan.layers) == job.model.num_moe_layers == len(plan.degrees) == 2
+    assert [lp.block for lp in plan.layers] == [1, 3]
+    assert {p.schedule for p in plan.predictions} == {"sequential", "tutel", "tutel_improved", "lina",
+                                                       "fsmoe_no_iio", "fsmoe"}
+    data = plan.to_dict()
+    assert json.loads(json.dumps(data, allow_nan=False))["degrees"] == [list(d) for d in plan.degrees]
+    text = plan.explain()
+    assert "bottleneck" in text and all(name in text for name in ("sequential", "fsmoe_no_iio", "lina"))
+    assert plan.step_s == plan.prediction("fsmoe").step_s
+    with pytest.raises(KeyError, match="no prediction for schedule 'deepspeed'"):
+        plan.prediction("deepspeed")
+
+
+def test_predict_layer_places_the_gar_as_the_schedule_does() -> None:
+    costs = dataclasses.replace(COSTS["mixed"], ops={**COSTS["mixed"].ops, "gar": L(1e-4, 1e-8)})
+    gar_bytes = 2**20
+    w = WORK.padded(4)
+    gate = costs.op("gate_fwd")(w.n_gate), costs.op("gate_bwd")(w.n_gate)
+    fs = predict_layer("fsmoe", WORK, costs, 4, 2, gar_bytes=gar_bytes)
+    t_gar = costs.op("gar", busy=True)(gar_bytes)
+    assert fs.fwd_s == pytest.approx(gate[0] + play_pass(get_schedule("fsmoe"), w, costs, 4, backward=False).makespan_s)
+    assert fs.bwd_s == pytest.approx(gate[1] + play_pass(get_schedule("fsmoe"), w, costs, 2, backward=True,
+                                                          t_gar=t_gar).makespan_s)
+    assert fs.gar_after_s == 0.0
+    tu = predict_layer("tutel", WORK, costs, 4, 4, gar_bytes=gar_bytes)
+    assert tu.gar_after_s == pytest.approx(costs.op("gar")(gar_bytes))
+    assert tu.total_s == pytest.approx(tu.fwd_s + tu.bwd_s + tu.gar_after_s)
+
+
+def test_timelines_export_predicted_trace_events() -> None:
+    played = play_pass(get_schedule("fsmoe"), WORK, COSTS["mixed"], 2, backward=False)
+    events = played.trace_events(rank=3, start_s=1.0)
+    assert [e.name for e in events] == [s.name for s in played.spans]
+    assert {e.channel for e in events} == {"predicted:compute", "predicted:inter", "predicted:intra"}
+    assert events[0].start_s == 1.0 and all(e.rank == 3 for e in events)
