@@ -12,13 +12,15 @@ simulate, ...) adds one :class:`Command` to :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fsmoe.config import RECIPES, JobConfig, flag_specs, get_value, read_toml_overrides
+from fsmoe.config import PLANNED_SCHEDULES, RECIPES, JobConfig, flag_specs, get_value, read_toml_overrides
 
 
 class UsageError(Exception):
@@ -88,7 +90,8 @@ def _under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def handle_train(job: JobConfig, argv: Sequence[str]) -> int:
+def handle_train(job: JobConfig, args: argparse.Namespace) -> int:
+    argv = args.argv
     from fsmoe.train.data import DataError
     from fsmoe.train.distributed import launch
     from fsmoe.train.trainer import run_train
@@ -120,9 +123,42 @@ def _launch_on_cluster(job: JobConfig, argv: Sequence[str]) -> int:
     return 0 if code == 0 else 1
 
 
+# --- profile and plan ----------------------------------------------------------------------------------------
+def _costs(job: JobConfig) -> Any:
+    """The job's costs: the cached profile, or profiled now on ranks laid out as the job asks."""
+    from fsmoe.cluster import ClusterUnavailable
+    from fsmoe.perf.profile import run_profile
+
+    try:
+        return run_profile(job, cache_dir=Path(job.plan.profile_cache).expanduser(), reprofile=job.plan.reprofile,
+                           budget_s=job.plan.profile_budget_s)
+    except ClusterUnavailable as e:
+        raise UsageError(f"{e}; use --launcher auto to run unshaped anyway") from e
+
+
+def handle_profile(job: JobConfig, args: argparse.Namespace) -> int:
+    from fsmoe.perf.profile import format_costs
+
+    print(format_costs(_costs(job)))
+    return 0
+
+
+def handle_plan(job: JobConfig, args: argparse.Namespace) -> int:
+    from fsmoe.perf.planner import plan_job
+
+    name = job.schedule.name if job.schedule.name in PLANNED_SCHEDULES else "fsmoe"
+    plan = plan_job(job, _costs(job), schedule=name, max_degree=job.plan.max_degree)
+    print(json.dumps(plan.to_dict(), indent=2, allow_nan=False) if args.json else plan.explain())
+    return 0
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (for machines)")
+
+
 # --- bench ----------------------------------------------------------------------------------------------------
-def handle_bench(run: Callable[[JobConfig], Any]) -> Callable[[JobConfig, Sequence[str]], int]:
-    def handle(job: JobConfig, argv: Sequence[str]) -> int:
+def handle_bench(run: Callable[[JobConfig], Any]) -> Callable[[JobConfig, argparse.Namespace], int]:
+    def handle(job: JobConfig, args: argparse.Namespace) -> int:
         from fsmoe.cluster import ClusterUnavailable
 
         try:
@@ -181,10 +217,11 @@ class Command:
     help: str
     description: str
     sections: tuple[str, ...]
-    handler: Callable[[JobConfig, Sequence[str]], int]
+    handler: Callable[[JobConfig, argparse.Namespace], int]
     quick: Callable[[JobConfig], JobConfig] | None = None
     quick_help: str = ""
     check: Callable[[JobConfig], None] | None = None
+    extra: Callable[[argparse.ArgumentParser], None] | None = None  # flags outside the job config
 
     @property
     def recipe(self) -> str:
@@ -199,6 +236,18 @@ COMMANDS: tuple[Command, ...] = (
             "emulated cluster with --launcher emulated, or by torchrun). The resolved job is written to "
             "<out>/job.toml; --config reads such a file, and flags given override it.",
             TRAIN_SECTIONS, handle_train, check=JobConfig.check_training),
+    Command(("profile",), "measure this job's operations on its own groups (alpha-beta per op; cached)",
+            "Start the job's ranks (as `fsmoe train` would), time every operation of its MoE blocks on the real "
+            "process groups — EP AlltoAll, ESP AllGather/ReduceScatter and the gradient all-reduce, idle and "
+            "while experts compute; expert, gate and dense compute — fit t = alpha + beta*n per operation and "
+            "cache the result (--profile-cache; --reprofile measures again).",
+            TRAIN_SECTIONS, handle_profile, check=JobConfig.check_training),
+    Command(("plan",), "the planner's choice for this job: pipeline degrees per layer, gradient plan, why",
+            "Profile (or read the cached profile), then run FSMoE's planner: per MoE layer the forward and "
+            "backward pipeline degrees, the bound case and the bottleneck, the predicted time of every schedule, "
+            "and the gradient all-reduce plan. Same flags as `fsmoe train`; `fsmoe train --schedule fsmoe` "
+            "does the same by itself when no degree is given.",
+            TRAIN_SECTIONS, handle_plan, check=JobConfig.check_training, extra=_json_flag),
     Command(("bench", "layer"), "one MoE layer: our schedules at several degrees and DeepSpeed-MoE, interleaved",
             "Time one MoE layer's forward + backward (+ the dense Gradient-AllReduce) under every schedule and degree, "
             "with DeepSpeed-MoE beside them, interleaved round by round on an emulated cluster; report medians, ratios "
@@ -233,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a TOML job file (e.g. a run's job.toml); flags given override it")
         if cmd.quick is not None:
             p.add_argument("--quick", action="store_true", help=cmd.quick_help)
+        if cmd.extra is not None:
+            cmd.extra(p)
         add_job_flags(p, cmd.sections, RECIPES[cmd.recipe]())
         p.set_defaults(cmd=cmd)
     return parser
@@ -248,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = job_from_args(args, cmd)  # every rule of the job, checked here before any rank starts
     except ValueError as e:
         parser.exit(2, f"fsmoe {cmd.recipe}: error: {e}\n")
+    args.argv = argv
     try:
-        return int(cmd.handler(job, argv))
+        return int(cmd.handler(job, args))
     except UsageError as e:
         parser.exit(2, f"fsmoe {cmd.recipe}: error: {e}\n")

@@ -637,6 +637,8 @@ def train_bench_recipe() -> JobConfig:
 
 RECIPES: dict[str, Callable[[], JobConfig]] = {
     "train": train_recipe,
+    "profile": train_recipe,
+    "plan": train_recipe,
     "bench layer": layer_bench_recipe,
     "bench train": train_bench_recipe,
 }

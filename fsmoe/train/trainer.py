@@ -15,17 +15,19 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fsmoe.config import JobConfig, TrainConfig, dump_toml, get_schedule
+from fsmoe.config import JobConfig, ScheduleConfig, TrainConfig, dump_toml, get_schedule
 from fsmoe.models.gpt_moe import GPTMoE, ModelOutput
 from fsmoe.moe.layer import MoEStats
+from fsmoe.parallel.dims import config_hash_check
 from fsmoe.parallel.grad_plan import PlannedGradSync, greedy_plan, parse_plan
 from fsmoe.parallel.grad_sync import GradSync
 from fsmoe.parallel.parallelize import (
@@ -39,9 +41,13 @@ from fsmoe.schedule.runtime import Runtime, chrome_trace
 from fsmoe.train.data import BatchSampler, load_corpus
 from fsmoe.train.distributed import DistContext, clip_grads_, setup, teardown
 
+if TYPE_CHECKING:
+    from fsmoe.perf.planner import JobPlan
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "job.toml"
+PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -213,8 +219,40 @@ def run_train(job: JobConfig) -> TrainResult:
         teardown()
 
 
+def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str], None] = print) -> tuple[
+        JobConfig, JobPlan | None]:
+    """FSMoE's adaptive core for a planned schedule (``schedule.planned``: fsmoe or fsmoe_no_iio given no
+    degree): this job's costs — from the profile cache or profiled now on the job's own groups — then
+    the plan (per-layer r_fwd, r_bwd and the gradient plan, :func:`fsmoe.perf.planner.plan_job`). Returns
+    the job with the plan's decisions in ``schedule.layer_degrees`` / ``gar_plan`` (so its job.toml
+    replays them without planning) and the plan. Collective when ``ctx`` is set: every rank gets the
+    same costs (rank 0's) and so the same plan, which a hash exchange confirms. One process has nothing
+    to overlap: r = 1 everywhere, no plan."""
+    if not job.schedule.planned:
+        return job, None
+    if ctx is None:
+        echo("plan: one process, nothing to overlap: r = 1 in every MoE layer")
+        return job.with_overrides({"schedule.r_fwd": 1, "schedule.r_bwd": 1}), None
+    from fsmoe.perf.planner import plan_job
+    from fsmoe.perf.profile import load_or_profile
+
+    costs = load_or_profile(job, ctx.groups, ctx.rank, cache_dir=Path(job.plan.profile_cache).expanduser(),
+                            reprofile=job.plan.reprofile, budget_s=job.plan.profile_budget_s, echo=echo)
+    plan = plan_job(job, costs, schedule=job.schedule.name, max_degree=job.plan.max_degree)
+    planned = job.with_overrides({"schedule.layer_degrees": plan.degrees, "schedule.gar_plan": plan.gar_plan or None})
+    config_hash_check(planned)  # every rank planned the same (same costs, deterministic solvers)
+    return planned, plan
+
+
+def _degrees_text(sched: ScheduleConfig) -> str:
+    pairs = sched.layer_degrees or (sched.degrees,)
+    return " ".join(f"{a}/{b}" for a, b in pairs)
+
+
 def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResult:
     main = ctx is None or ctx.is_main
+    echo: Callable[[str], None] = print if main else (lambda _: None)
+    job, plan = plan_schedule(job, ctx, echo)
     cfg, m = job.train, job.model
     seq_len = m.seq_len
     out_dir = Path(job.run.out)
@@ -222,6 +260,9 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG_FILE).write_text(dump_toml(job))
+        if plan is not None:
+            (out_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n")
+            print(plan.explain(), flush=True)
     train = RankBatches(corpus.train_N, job, job.run.seed, ctx)
     model = build_model(job, ctx)
     model.train()
@@ -230,7 +271,7 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
     par, sched = job.parallel, job.schedule
     if main:
         layout = (f"{par.nproc} ranks (MP={par.mp}, EP={par.ep}, ESP={par.esp}, dispatcher {par.dispatcher}, "
-                  f"schedule {sched.name} r={sched.degrees[0]}/{sched.degrees[1]})" if par.distributed else "1 process")
+                  f"schedule {sched.name} r={_degrees_text(sched)})" if par.distributed else "1 process")
         print(
             f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val bytes\n"
             f"model: {GPTMoE(m).num_params() if par.distributed else model.num_params():,} parameters, "
