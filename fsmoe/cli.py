@@ -253,7 +253,7 @@ COMMANDS: tuple[Command, ...] = (
             "with DeepSpeed-MoE beside them, interleaved round by round on an emulated cluster; report medians, ratios "
             "to the fastest fsmoe schedule and to the per-channel lower bound, and peak memory. Results, chart and the "
             "resolved job.toml go to --out.",
-            ("model", "moe", "parallel", "run", "cluster", "bench"), handle_bench(_layer_bench),
+            ("model", "moe", "parallel", "plan", "run", "cluster", "bench"), handle_bench(_layer_bench),
             quick=_quick_layer, quick_help="small sizes, 2 rounds: checks that everything runs (about half a minute)",
             check=_check_layer),
     Command(("bench", "train"), "training tokens/s of the GPT-MoE: fsmoe vs the same model with DeepSpeed's MoE layer",

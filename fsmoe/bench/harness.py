@@ -52,22 +52,27 @@ class ImplSpec:
     """One implementation in a table: a schedule of ours at degrees (r_fwd, r_bwd), or DeepSpeed-MoE.
 
     ``sequential`` is our layer without a pipeline (dispatch → experts → combine under plain autograd);
-    every other schedule runs the pipelined expert block."""
+    every other schedule runs the pipelined expert block. ``auto``: the degrees are the planner's
+    (:mod:`fsmoe.perf.planner`), chosen on the ranks from the profiled costs; the row is named
+    ``fsmoe auto r=…`` so it stands beside the hand-picked ``fsmoe r=…`` rows."""
 
     family: str  # a schedule name, or "deepspeed"
     r_fwd: int = 1
     r_bwd: int = 1
+    auto: bool = False
 
     def __post_init__(self) -> None:
         if self.family != DEEPSPEED:
             check_degrees(get_schedule(self.family), self.r_fwd, self.r_bwd)
+        if self.auto and not self.pipelined:
+            raise ValueError(f"ImplSpec: only a pipelined schedule of ours has planned degrees, got {self.family!r}")
 
     @property
     def name(self) -> str:
         if not self.pipelined:
             return self.family
         r = f"{self.r_fwd}" if self.r_fwd == self.r_bwd else f"{self.r_fwd}/{self.r_bwd}"
-        return f"{self.family} r={r}"
+        return f"{self.family}{' auto' if self.auto else ''} r={r}"
 
     @property
     def is_ours(self) -> bool:

@@ -8,14 +8,17 @@ tokens per rank (one routing group, fp32); the layout ``parallel`` (EP × ESP ov
 data-parallel, ``mp`` = 1) on ``cluster`` (emulated nodes of ``parallel.ppn`` ranks, each node's link
 ``cluster.link``); the rows every schedule in ``bench.schedules`` at every degree in ``bench.degrees``
 (``sequential`` once, unpipelined), plus the ``bench.mixed_degrees`` pairs for ``fsmoe``, and
-DeepSpeed-MoE when ``bench.deepspeed`` (:func:`layer_impls`). :func:`check_layer_job` refuses what this
-benchmark cannot run; :func:`quick_layer_job` is ``--quick``.
+DeepSpeed-MoE when ``bench.deepspeed`` (:func:`layer_impls`); with ``fsmoe`` among the schedules, the
+``fsmoe auto`` row at the planner's degrees. :func:`check_layer_job` refuses what this benchmark cannot
+run; :func:`quick_layer_job` is ``--quick``.
 
 :func:`run_layer_bench` runs :func:`layer_bench_rank` on every rank (:mod:`fsmoe.bench.harness`). One
-rank builds the groups (two channels), the shared layer, one :class:`Step` per implementation and the
-lower bound's probes (:class:`Probe`), times them in interleaved rounds, then (``bench.memory``) measures each
-step's peak memory and (``run.trace``) traces the fastest ``fsmoe`` step — or every step with
-``bench.trace_all``. What the numbers mean: :mod:`fsmoe.bench.layer_report`.
+rank builds the groups (two channels), loads or profiles the job's costs and plans the ``fsmoe auto``
+row (:mod:`fsmoe.bench.layer_predict`), builds the shared layer, one :class:`Step` per implementation and
+the lower bound's probes (:class:`Probe`), times them in interleaved rounds, then (``bench.memory``)
+measures each step's peak memory and (``run.trace``) traces the fastest ``fsmoe`` step — or every step
+with ``bench.trace_all`` — with the model's timeline of that row beside it. Every row of ours gets its
+predicted time beside the measured one. What the numbers mean: :mod:`fsmoe.bench.layer_report`.
 
 A :class:`Step` is one forward + backward of one implementation on this rank's fixed input ``x_TD``
 with a fixed output gradient ``dy_TD``, plus the dense Gradient-AllReduce (GAR) of ``bench.dense_grad_mb``:
@@ -44,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.bench.harness import DEEPSPEED, RoundTimes, memory_pass, rank_threads, run_on_ranks, timed_rounds
+from fsmoe.bench.layer_predict import AUTO_SCHEDULE, layer_costs, plan_auto, predicted_trace, with_auto
 from fsmoe.bench.layer_report import format_markdown, summarize, write_chart
 from fsmoe.bench.layer_workload import (
     QUICK_LAYER,
@@ -58,6 +62,7 @@ from fsmoe.bench.layer_workload import (
 from fsmoe.bench.report import finish_report, write_traces
 from fsmoe.config import JobConfig
 from fsmoe.parallel.dims import ParallelDims, build_groups
+from fsmoe.perf.costs import Costs
 from fsmoe.schedule.runtime import TraceEvent
 
 
@@ -71,8 +76,9 @@ def traced_names(job: JobConfig, times: RoundTimes, steps: list[Step]) -> list[s
     return [min(ours, key=lambda n: (statistics.median(times.samples_s[n]), n))] if ours else []
 
 
-def _trace(step: Step, rank: int) -> list[TraceEvent]:
-    """One more run of ``step`` with task tracing on: its phases and its pipeline's tasks."""
+def _trace(step: Step, rank: int, job: JobConfig, costs: Costs) -> list[TraceEvent]:
+    """One more run of ``step`` with task tracing on: its phases and its pipeline's tasks, and the
+    model's timeline of the same row beside them (``predicted:*`` tracks)."""
     events: list[TraceEvent] = []
     if step.runtime is not None:
         step.runtime.trace, step.runtime.events = True, events
@@ -81,7 +87,7 @@ def _trace(step: Step, rank: int) -> list[TraceEvent]:
     step.run(events, rank)
     if step.runtime is not None:
         step.runtime.trace = False
-    return events
+    return events + predicted_trace(job, costs, step.spec, events, rank)
 
 
 def layer_bench_rank(rank: int, world_size: int, job: JobConfig) -> LayerRankResult:
@@ -90,11 +96,13 @@ def layer_bench_rank(rank: int, world_size: int, job: JobConfig) -> LayerRankRes
     threads = rank_threads(job)
     torch.set_num_threads(threads)
     groups = build_groups(ParallelDims.from_config(job.parallel), channels=2)
+    costs = layer_costs(job, groups, rank)  # before any layer is built: the profile has the cores alone
+    auto = plan_auto(job, costs) if AUTO_SCHEDULE in job.bench.schedules else None
     work = LayerWorkload(job, groups, rank)
     capacity = work.capacity()
     steps: list[Step] = []
     skipped: dict[str, str] = {}
-    for impl in layer_impls(job):
+    for impl in with_auto(layer_impls(job), auto.impl if auto else None):
         if impl.family == DEEPSPEED:
             from fsmoe.bench.deepspeed_peer import build_deepspeed_step  # that module builds on this one
 
@@ -108,12 +116,14 @@ def layer_bench_rank(rank: int, world_size: int, job: JobConfig) -> LayerRankRes
     probes = work.probes(capacity)
     times = timed_rounds([*steps, *probes], job.bench.warmup, job.bench.reps, rank)
     memory, memory_note = memory_pass(steps) if job.bench.memory else ({}, None)
-    traces = {name: _trace(next(s for s in steps if s.name == name), rank) for name in traced_names(job, times, steps)}
+    traces = {name: _trace(next(s for s in steps if s.name == name), rank, job, costs)
+              for name in traced_names(job, times, steps)}
     return LayerRankResult(
         rank=rank, names=[s.name for s in steps], specs=[s.spec for s in steps], times=times,
         notes={s.name: s.note for s in steps}, skipped=skipped,
         capacity=capacity, probes=[ProbeInfo(name=p.name, channel=p.channel, count=p.count) for p in probes],
-        memory=memory, memory_note=memory_note, traces=traces, wall_s=time.perf_counter() - start,
+        memory=memory, memory_note=memory_note, traces=traces, costs=costs.to_dict(),
+        auto=auto.to_dict() if auto else None, wall_s=time.perf_counter() - start,
     )
 
 
@@ -124,7 +134,9 @@ def run_layer_bench(job: JobConfig, *, echo: Callable[[str], None] = print) -> d
     check_layer_job(job)
     t0 = time.perf_counter()
     rounds = job.bench.warmup + job.bench.reps
-    estimate = f"{len(layer_impls(job))} implementations x {rounds} rounds (+ probes, memory pass)"
+    auto = " + fsmoe auto" if AUTO_SCHEDULE in job.bench.schedules else ""
+    estimate = (f"profile (cached, or up to {job.plan.profile_budget_s:g} s), {len(layer_impls(job))} "
+                f"implementations{auto} x {rounds} rounds (+ probes, memory pass)")
     results, cluster = run_on_ranks("layer", job, layer_bench_rank, estimate, echo)
     payload = summarize(job, results, cluster=cluster)
     notes: list[str] = []

@@ -12,6 +12,11 @@
 * Memory: per rank, the peak during one fwd+bwd and the part of it above the resident size just
   before (``extra``: activations, gradients, communication buffers); the table shows the worst rank,
   and ``mem_ratio_to_sequential`` compares ``extra`` with the ``sequential`` row's.
+* Model (:mod:`fsmoe.bench.layer_predict`): ``predicted_s`` each row of ours as the α-β model plays it
+  on the profiled costs (``predicted_fwd_s``, ``predicted_bwd_s``, ``predicted_gar_after_s`` its parts),
+  ``predicted_error`` = predicted / median − 1; ``model.median_abs_error`` over those rows. ``profile``:
+  where the costs came from (cache hit, path, the profile's wall time and budget); ``auto``: the
+  ``fsmoe auto`` row's plan (degrees, cases, continuous r*, the GAR it planned with, ``solve_s``).
 * CPU (all ranks share one machine; :func:`fsmoe.bench.harness.cpu_stats`): ``cpu_core_s`` the
   machine's busy CPU-seconds during a run, ``cpu_utilization`` that over run time × cores.
   ``cpu_bound_s`` = the probes' CPU-seconds (× count) summed / cores: where compute and communication
@@ -27,8 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fsmoe.bench.harness import DEEPSPEED, cpu_stats, other_load, ratio
+from fsmoe.bench.layer_predict import predict_rows, relative_error
 from fsmoe.bench.report import bar_chart, fmt_num, fmt_pct, fmt_ratio, job_dict, warning_lines
 from fsmoe.config import JobConfig
+from fsmoe.perf.costs import Costs
 
 if TYPE_CHECKING:
     from fsmoe.bench.layer_workload import LayerRankResult
@@ -50,13 +57,21 @@ def summarize(job: JobConfig, results: Sequence[LayerRankResult], *, cluster: di
     """The payload of one run (see the module doc); ``cluster`` describes where it ran."""
     first = results[0]
     times, samples = first.times, first.times.samples_s
+    costs = Costs.from_dict(first.costs) if first.costs is not None else None
+    predicted = predict_rows(job, costs, first.specs) if costs is not None else {}
     rows: list[dict[str, Any]] = []
     for impl in first.specs:
         name = impl.name
         peaks = [r.memory[name] for r in results if name in r.memory]
+        pred = predicted.get(name)
+        median = statistics.median(samples[name])
         rows.append({
-            "name": name, "family": impl.family, "r_fwd": impl.r_fwd, "r_bwd": impl.r_bwd,
-            "median_s": statistics.median(samples[name]), "min_s": min(samples[name]),
+            "name": name, "family": impl.family, "r_fwd": impl.r_fwd, "r_bwd": impl.r_bwd, "auto": impl.auto,
+            "median_s": median, "min_s": min(samples[name]),
+            "predicted_s": pred.total_s if pred else None,
+            "predicted_fwd_s": pred.fwd_s if pred else None, "predicted_bwd_s": pred.bwd_s if pred else None,
+            "predicted_gar_after_s": pred.gar_after_s if pred else None,
+            "predicted_error": relative_error(pred.total_s if pred else None, median),
             "samples_s": samples[name], "note": first.notes.get(name, ""),
             "peak_mem_mb": max(p.peak_bytes for p in peaks) / _MB if peaks else None,
             "extra_mem_mb": max(p.extra_bytes for p in peaks) / _MB if peaks else None,
@@ -82,12 +97,18 @@ def summarize(job: JobConfig, results: Sequence[LayerRankResult], *, cluster: di
         r["mem_ratio_to_sequential"] = ratio(r["extra_mem_mb"], seq["extra_mem_mb"] if seq else None)
         r["ratio_to_cpu_bound"] = ratio(r["median_s"], cpu_bound)
 
+    errors = [abs(r["predicted_error"]) for r in rows if r["predicted_error"] is not None]
     return {
         "benchmark": "layer",
         "cluster": cluster,
         "job": job_dict(job),
         "capacity": first.capacity,
         "implementations": rows,
+        "model": {"median_abs_error": statistics.median(errors) if errors else None,
+                  "max_abs_error": max(errors) if errors else None, "rows": len(errors)},
+        "profile": _profile_info(costs),
+        "auto": first.auto,
+        "costs": first.costs,
         "skipped": first.skipped,
         "lower_bound": {"seconds": bound, "busiest_channel": busiest, "channels_s": channels, "probes": probes,
                         "cpu_bound_s": cpu_bound, "cpu_count": times.cpu_count},
@@ -97,6 +118,17 @@ def summarize(job: JobConfig, results: Sequence[LayerRankResult], *, cluster: di
         "other_load": other_load(times, [*rows, *probes]),
         "rank_wall_s": max(r.wall_s for r in results),
     }
+
+
+def _profile_info(costs: Costs | None) -> dict[str, Any] | None:
+    """Where the costs came from: cache hit and path, and the profile's own wall time and budget (a
+    cache hit's wall time is that of the run that profiled)."""
+    if costs is None:
+        return None
+    meta, cache = costs.meta, costs.meta.get("cache", {})
+    return {"cache_hit": cache.get("hit"), "cache_path": cache.get("path"), "wall_s": meta.get("wall_s"),
+            "budget_s": meta.get("budget_s"), "profiled_at": meta.get("profiled_at"), "scaled": meta.get("scaled"),
+            "skipped": meta.get("skipped")}
 
 
 def _targets(job: JobConfig, rows: list[dict[str, Any]], bound: float, cluster: dict[str, Any]) -> list[dict]:
@@ -142,24 +174,27 @@ def format_markdown(payload: dict[str, Any]) -> str:
         f"(+{bench['warmup']} warm-up), slowest rank per run",
         *warning_lines(payload, "runs"),
         "",
-        "| implementation | median s | vs best fsmoe | vs lower bound | vs CPU bound | CPU busy | peak MB | extra MB "
-        "| extra vs sequential | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| implementation | median s | predicted s | error | vs best fsmoe | vs lower bound | vs CPU bound | CPU busy "
+        "| peak MB | extra MB | extra vs sequential | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in payload["implementations"]:
         lines.append(
-            f"| {r['name']} | {fmt_num(r['median_s'])} | {fmt_ratio(r['ratio_to_best_fsmoe'])} | "
+            f"| {r['name']} | {fmt_num(r['median_s'])} | {fmt_num(r.get('predicted_s'))} | "
+            f"{fmt_signed_pct(r.get('predicted_error'))} | {fmt_ratio(r['ratio_to_best_fsmoe'])} | "
             f"{fmt_ratio(r['ratio_to_lower_bound'])} | {fmt_ratio(r['ratio_to_cpu_bound'])} | "
             f"{fmt_pct(r['cpu_utilization'])} | {fmt_num(r['peak_mem_mb'], 0)} | {fmt_num(r['extra_mem_mb'], 0)} | "
             f"{fmt_ratio(r['mem_ratio_to_sequential'])} | {r['note']} |"
         )
     for name, why in payload["skipped"].items():
-        lines.append(f"| {name} | - | - | - | - | - | - | - | - | not run: {why} |")
+        lines.append(f"| {name} | - | - | - | - | - | - | - | - | - | - | not run: {why} |")
     lines += [
         "",
-        "median s: fwd+bwd (+GAR) of the slowest rank. CPU busy: the machine's busy CPU share during the run "
+        "median s: fwd+bwd (+GAR) of the slowest rank. predicted s: the α-β model on the profiled costs "
+        "(error = predicted / median - 1). CPU busy: the machine's busy CPU share during the run "
         "(all ranks, the kernel's network work included). peak MB: the worst rank's resident high-water mark; "
         "extra MB: peak minus the resident size just before the run (activations, gradients, buffers).",
+        *_model_lines(payload),
         "", f"Lower bound {fmt_num(lb['seconds'])} s = busiest channel ({lb['busiest_channel']}); "
         "each operation timed alone (after a barrier), same shapes, same interleaved rounds:", "",
         "| channel | operation | median s | per fwd+bwd | CPU core-s | CPU busy |",
@@ -183,6 +218,30 @@ def format_markdown(payload: dict[str, Any]) -> str:
     if payload.get("memory_note"):
         lines += ["", payload["memory_note"]]
     return "\n".join(lines)
+
+
+def fmt_signed_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.0f}%"
+
+
+def _model_lines(payload: dict[str, Any]) -> list[str]:
+    """The model's summary under the table: the median error, the profile, the auto row's plan."""
+    model, prof, auto = payload.get("model"), payload.get("profile"), payload.get("auto")
+    lines: list[str] = []
+    if model and model["median_abs_error"] is not None:
+        lines += ["", f"Model: median |error| {100 * model['median_abs_error']:.1f}% over {model['rows']} rows "
+                      f"(max {100 * model['max_abs_error']:.0f}%)."]
+    if prof:
+        how = "cached" if prof["cache_hit"] else "profiled now"
+        lines.append(f"Profile: {how} ({fmt_num(prof['wall_s'], 1)} s of {prof['budget_s']:g} s budget); "
+                     f"{prof['cache_path']}")
+    if auto:
+        p = auto["plan"]
+        lines.append(f"fsmoe auto: r_fwd={auto['r_fwd']} r_bwd={auto['r_bwd']} (r* {p['r_star_fwd']:.2f} / "
+                     f"{p['r_star_bwd']:.2f}; forward case {p['case_fwd']}: {p['bottleneck_fwd']}; backward case "
+                     f"{p['case_bwd']}: {p['bottleneck_bwd']}; GAR {auto['gar_bytes'] / 2**20:.2f} MiB = "
+                     f"{1e3 * auto['t_gar_s']:.1f} ms inside), solved in {1e3 * auto['solve_s']:.1f} ms.")
+    return lines
 
 
 def write_chart(path: str | Path, payload: dict[str, Any]) -> str | None:

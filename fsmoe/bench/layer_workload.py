@@ -20,6 +20,7 @@ from fsmoe.bench.harness import (
     ImplSpec,
     RankResult,
 )
+from fsmoe.bench.layer_predict import dense_grad_numel
 from fsmoe.bench.memory import PeakMemory
 from fsmoe.cluster.spec import EmulatedClusterSpec
 from fsmoe.config import JobConfig, get_schedule
@@ -38,6 +39,7 @@ Outputs = list[tuple[Tensor, Tensor]]  # (output, its gradient) pairs for one ba
 QUICK_LAYER: dict[str, Any] = {
     "bench.tokens": 256, "model.d_model": 128, "moe.d_hidden": 256, "bench.degrees": (1, 2),
     "bench.mixed_degrees": ((1, 2),), "bench.dense_grad_mb": 0.25, "bench.reps": 2, "bench.warmup": 1,
+    "plan.profile_budget_s": 5.0,
 }
 
 
@@ -176,7 +178,7 @@ class LayerWorkload:
         gen = torch.Generator().manual_seed(seed * 7919 + self.rank + 1)
         self.x_TD = torch.randn(T, D, generator=gen)
         self.dy_TD = torch.randn(T, D, generator=gen)
-        self.dense_grad = torch.randn(int(job.bench.dense_grad_mb * 2**20) // 4, generator=gen)
+        self.dense_grad = torch.randn(dense_grad_numel(job), generator=gen)
         # The dense part is data-parallel over the world (mp = 1); its own communicator (channel 1).
         self.gar_group = self.groups.group("dense_dp", 1)
         self.one = torch.ones(())
@@ -267,7 +269,10 @@ class ProbeInfo:
 @dataclass(kw_only=True, frozen=True)
 class LayerRankResult(RankResult):
     """One rank's layer result: ``specs`` the steps that ran (``names`` theirs); ``times`` also holds
-    the probes'; ``memory`` is this rank's own; ``traces`` maps a step name to its trace events."""
+    the probes'; ``memory`` is this rank's own; ``traces`` maps a step name to its trace events (the
+    model's beside them); ``costs`` the profiled :class:`~fsmoe.perf.costs.Costs` as a dict (the same on
+    every rank; None: no predictions); ``auto`` the ``fsmoe auto`` row's plan
+    (:meth:`~fsmoe.bench.layer_predict.AutoPlan.to_dict`), None without one."""
 
     specs: list[ImplSpec]
     capacity: int
@@ -275,6 +280,8 @@ class LayerRankResult(RankResult):
     memory: dict[str, PeakMemory] = field(default_factory=dict)
     memory_note: str | None = None
     traces: dict[str, list[TraceEvent]] = field(default_factory=dict)
+    costs: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None
 
 
 __all__ = ["QUICK_LAYER", "LayerRankResult", "LayerWorkload", "Outputs", "Probe", "ProbeInfo", "Step",

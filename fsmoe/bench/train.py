@@ -8,7 +8,10 @@ implementations compute the same function from the same weights; the data ``job.
 batches for every row, B = ``train.batch_size`` sequences per step over all ranks, lr ``train.lr``);
 the layout ``parallel`` on ``cluster``. The rows (:func:`train_rows`): every schedule in
 ``bench.schedules``, pipelined ones at ``schedule.r_fwd``/``schedule.r_bwd``, each trained exactly as
-``fsmoe train`` trains (the trainer's model, gradient sync, optimizer and ``train_step``), and the
+``fsmoe train`` trains (the trainer's model, gradient sync, optimizer and ``train_step``); with ``fsmoe``
+among them, the ``fsmoe auto`` row: ``fsmoe`` with no degrees, planned on the ranks exactly as ``fsmoe
+train`` plans it (:func:`fsmoe.train.trainer.plan_schedule`: the profile from the ``plan`` section's cache
+or profiled now, then per-layer degrees and the gradient plan), then trained like the others; and the
 DeepSpeed-MoE twin when ``bench.deepspeed`` (:mod:`fsmoe.bench.deepspeed_peer`). DeepSpeed-MoE has no
 expert sharding (ESP): with ``esp > 1`` our rows run the requested EP × ESP layout, the DeepSpeed row
 runs the EP-only layout over the same ranks (EP = ep·esp, whole experts), and an extra row of each of
@@ -22,6 +25,10 @@ over the ranks. :func:`summarize_train` (pure):
 
 * ``median_s``: the median over the timed steps of the slowest rank's optimizer-step time (forward,
   backward, gradient sync, clipping, AdamW); ``tokens_per_s`` = B·L / ``median_s`` (global tokens).
+* ``predicted_s``: the planner's modelled step (:class:`fsmoe.perf.planner.JobPlan`): the auto row's
+  ``plan.step_s``, and for a row run exactly as the plan predicted another schedule (same layout, same
+  degrees in every layer) that prediction; ``predicted_error`` = predicted / median − 1. ``plans``: the
+  auto rows' plans (``JobPlan.to_dict``) and the wall time of planning each (profile included).
 * ``deepspeed_over_this``: DeepSpeed's ``median_s`` / this row's (above 1: this row is faster).
   ``best_ours``: our fastest row on DeepSpeed's layout (the like-for-like one), and
   ``speedup_vs_deepspeed`` its ratio.
@@ -65,8 +72,11 @@ from fsmoe.parallel.grad_plan import PlannedGradSync
 from fsmoe.parallel.grad_sync import GradSync
 
 if TYPE_CHECKING:  # the trainer is imported when a rank needs it (see the adapters below)
+    from fsmoe.perf.planner import JobPlan
     from fsmoe.train.distributed import DistContext
     from fsmoe.train.trainer import RankBatches
+
+AUTO_SCHEDULE = "fsmoe"  # the schedule whose planned row the benchmark adds
 
 INITIAL_LOSS_TOL = 1e-4  # nats: same weights and batch; only float summation order differs
 
@@ -74,7 +84,7 @@ INITIAL_LOSS_TOL = 1e-4  # nats: same weights and batch; only float summation or
 # The CLI applies them to the recipe before ``--config`` and the flags, which win.
 QUICK_TRAIN: dict[str, Any] = {
     "model.seq_len": 64, "train.batch_size": 8, "data.max_bytes": 200_000, "bench.reps": 3, "bench.warmup": 1,
-    "bench.timeout_s": 300.0,
+    "bench.timeout_s": 300.0, "plan.profile_budget_s": 5.0,
 }
 
 
@@ -94,7 +104,8 @@ class TrainImpl:
 
     @property
     def name(self) -> str:
-        return f"{self.spec.name} (EP={self.parallel.ep} only)" if self.ep_only else self.spec.name
+        base = f"{self.spec.family} auto" if self.spec.auto else self.spec.name  # auto: degrees per layer
+        return f"{base} (EP={self.parallel.ep} only)" if self.ep_only else base
 
     @property
     def layout(self) -> str:
@@ -123,6 +134,8 @@ def train_rows(job: JobConfig) -> list[TrainImpl]:
     for name in job.bench.schedules:
         degrees = sched.degrees if get_schedule(name).pipelined else (1, 1)
         out.append(TrainImpl(ImplSpec(name, *degrees), par))
+    if AUTO_SCHEDULE in job.bench.schedules:
+        out.append(TrainImpl(ImplSpec(AUTO_SCHEDULE, auto=True), par))
     if job.bench.deepspeed:
         ep_only = par.esp > 1 and deepspeed_unable(job) is None  # else its row only says why not
         if ep_only:
@@ -132,12 +145,14 @@ def train_rows(job: JobConfig) -> list[TrainImpl]:
 
 
 def row_job(job: JobConfig, row: TrainImpl) -> JobConfig:
-    """The job one row trains under: its layout and schedule (DeepSpeed's twin: ``sequential``), the
-    bench model, ``bench.warmup + bench.reps`` steps at a constant-then-cosine lr (no warm-up)."""
+    """The job one row trains under: its layout and schedule (DeepSpeed's twin: ``sequential``; the auto
+    row: ``fsmoe`` with no degrees, i.e. planned), the bench model, ``bench.warmup + bench.reps`` steps
+    at a constant-then-cosine lr (no warm-up)."""
     family = "sequential" if row.spec.family == DEEPSPEED else row.spec.family
     steps = job.bench.warmup + job.bench.reps
-    return job.replace(model=bench_model(job), parallel=row.parallel,
-                       schedule=ScheduleConfig(name=family, r_fwd=row.spec.r_fwd, r_bwd=row.spec.r_bwd),
+    schedule = (ScheduleConfig(name=family) if row.spec.auto
+                else ScheduleConfig(name=family, r_fwd=row.spec.r_fwd, r_bwd=row.spec.r_bwd))
+    return job.replace(model=bench_model(job), parallel=row.parallel, schedule=schedule,
                        train=dataclasses.replace(job.train, steps=steps, lr_warmup=0))
 
 
@@ -171,6 +186,14 @@ def _ours(rjob: JobConfig, ctx: DistContext) -> tuple[nn.Module, GradSync | Plan
     return model, build_grad_sync(model, rjob, ctx)
 
 
+def _plan(rjob: JobConfig, ctx: DistContext) -> tuple[JobConfig, JobPlan | None]:
+    """The trainer's planning of a planned row (collective): the job with the plan's degrees and
+    gradient plan, and the plan. Rank 0's lines go to its log."""
+    from fsmoe.train.trainer import plan_schedule
+
+    return plan_schedule(rjob, ctx, print if ctx.rank == 0 else (lambda _: None))
+
+
 def _trainer_parts(model: nn.Module, rjob: JobConfig, data_N: Tensor,
                    ctx: DistContext) -> tuple[torch.optim.Optimizer, RankBatches]:
     """The trainer's optimizer for ``model`` and this rank's batches (seeded alike for every row)."""
@@ -201,6 +224,7 @@ class TrainRun:
     sync: GradSync | PlannedGradSync
     batches: RankBatches
     note: str = ""
+    plan: dict[str, Any] | None = None  # the auto row's plan and profile (see TrainRankResult.plans)
     losses: list[Tensor] = field(default_factory=list)
 
     @property
@@ -217,14 +241,24 @@ class TrainRun:
 @dataclass(kw_only=True, frozen=True)
 class TrainRankResult(RankResult):
     """One rank's train result: ``losses`` every step's LM loss averaged over the ranks (warm-up steps
-    included; the same on every rank); ``num_params`` this rank's parameters per row."""
+    included; the same on every rank); ``num_params`` this rank's parameters per row; ``plans`` per auto
+    row its plan (:meth:`~fsmoe.perf.planner.JobPlan.to_dict`) under ``plan`` and under ``plan_wall_s`` the
+    wall time of planning it (profile or cache read, solve, the ranks' agreement)."""
 
     losses: dict[str, list[float]]
     num_params: dict[str, int] = field(default_factory=dict)
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _build_run(job: JobConfig, row: TrainImpl, ctx: DistContext, data_N: Tensor, threads: int) -> TrainRun | str:
     rjob = row_job(job, row)
+    planned: dict[str, Any] | None = None
+    if row.spec.auto:
+        t0 = time.perf_counter()
+        rjob, plan = _plan(rjob, ctx)
+        assert plan is not None  # a planned schedule on a distributed context always gets a plan
+        # plan_schedule does not say whether its profile came from the cache: its whole wall time it is
+        planned = {"plan": plan.to_dict(), "plan_wall_s": time.perf_counter() - t0}
     if row.spec.family == DEEPSPEED:
         built = build_deepspeed_twin(rjob, ctx, threads)
         if isinstance(built, str):
@@ -238,7 +272,11 @@ def _build_run(job: JobConfig, row: TrainImpl, ctx: DistContext, data_N: Tensor,
                 else "GAR overlapped with the dense backward" if spec.gar_overlap_dense else "GAR after the backward")
     model.train()
     opt, batches = _trainer_parts(model, rjob, data_N, ctx)
-    return TrainRun(row=row, job=rjob, ctx=ctx, model=model, opt=opt, sync=sync, batches=batches, note=note)
+    if planned is not None:
+        degrees = " ".join(f"{a}/{b}" for a, b in rjob.schedule.layer_degrees or ())
+        note = f"planned r={degrees}; {note}"
+    return TrainRun(row=row, job=rjob, ctx=ctx, model=model, opt=opt, sync=sync, batches=batches, note=note,
+                    plan=planned)
 
 
 def train_bench_rank(rank: int, world_size: int, job: JobConfig) -> TrainRankResult:
@@ -275,7 +313,7 @@ def train_bench_rank(rank: int, world_size: int, job: JobConfig) -> TrainRankRes
     return TrainRankResult(
         rank=rank, names=[r.name for r in runs], times=times, notes={r.name: r.note for r in runs}, skipped=skipped,
         losses=losses, num_params={r.name: sum(p.numel() for p in r.model.parameters()) for r in runs},
-        wall_s=time.perf_counter() - start,
+        plans={r.name: r.plan for r in runs if r.plan is not None}, wall_s=time.perf_counter() - start,
     )
 
 
@@ -296,6 +334,11 @@ def summarize_train(job: JobConfig, results: Sequence[TrainRankResult], *, clust
             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "note": first.notes.get(name, ""),
             "params_rank0": first.num_params.get(name), **cpu_stats(first.times, name),
         })
+    plans = {name: first.plans[name] for name in first.names if name in first.plans}
+    for r in rows:
+        r["predicted_s"] = predicted_step(r, rows, plans)
+        r["predicted_error"] = (r["predicted_s"] / r["median_s"] - 1.0
+                                if r["predicted_s"] is not None and r["median_s"] > 0 else None)
     ds = next((r for r in rows if r["family"] == DEEPSPEED), None)
     for r in rows:
         r["deepspeed_over_this"] = ratio(ds["median_s"], r["median_s"]) if ds else None
@@ -318,6 +361,7 @@ def summarize_train(job: JobConfig, results: Sequence[TrainRankResult], *, clust
                   "seq_len": m.seq_len},
         "tokens_per_step": tokens,
         "implementations": rows,
+        "plans": plans,
         "skipped": first.skipped,
         "best_ours": best["name"] if best else None,
         "speedup_vs_deepspeed": best["deepspeed_over_this"] if best else None,
@@ -327,6 +371,26 @@ def summarize_train(job: JobConfig, results: Sequence[TrainRankResult], *, clust
         "other_load": other_load(first.times, rows),
         "rank_wall_s": max(r.wall_s for r in results),
     }
+
+
+def predicted_step(row: dict[str, Any], rows: Sequence[dict[str, Any]], plans: dict[str, dict[str, Any]]
+                   ) -> float | None:
+    """A row's modelled step: an auto row's own plan's ``step_s``; another row of ours, the prediction an
+    auto row's plan on the same layout made for its schedule when that is exactly what the row ran (the
+    schedule's default gradient plan, the row's degrees in every MoE layer); else None."""
+    if row["name"] in plans:
+        return float(plans[row["name"]]["plan"]["step_s"])
+    if row["family"] == DEEPSPEED:
+        return None
+    for other in rows:
+        plan = plans.get(other["name"], {}).get("plan")
+        if plan is None or other["layout"] != row["layout"]:
+            continue
+        pred = plan["predictions"].get(row["family"])
+        pair = [row["r_fwd"], row["r_bwd"]]
+        if pred and pred["method"] == "default" and pred["degrees"] and all(d == pair for d in pred["degrees"]):
+            return float(pred["step_s"])
+    return None
 
 
 def format_train_markdown(payload: dict[str, Any]) -> str:
@@ -341,17 +405,25 @@ def format_train_markdown(payload: dict[str, Any]) -> str:
         f"steps (+{bench['warmup']} warm-up), slowest rank per step; every row trains on the same batches",
         *warning_lines(payload, "steps"),
         "",
-        f"| implementation | layout | median step s | tokens/s | DeepSpeed / this | loss step 1 "
+        f"| implementation | layout | median step s | predicted s | error | tokens/s | DeepSpeed / this | loss step 1 "
         f"| loss step {bench['warmup'] + bench['reps']} | CPU busy | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in payload["implementations"]:
         busy = "-" if r["cpu_utilization"] is None else f"{100 * r['cpu_utilization']:.0f}%"
         vs_ds = "-" if r["deepspeed_over_this"] is None else f"{r['deepspeed_over_this']:.2f}x"
-        lines.append(f"| {r['name']} | {r['layout']} | {r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | {vs_ds} | "
-                     f"{r['loss_first']:.4f} | {r['loss_last']:.4f} | {busy} | {r['note']} |")
+        pred = "-" if r.get("predicted_s") is None else f"{r['predicted_s']:.3f}"
+        err = "-" if r.get("predicted_error") is None else f"{100 * r['predicted_error']:+.0f}%"
+        lines.append(f"| {r['name']} | {r['layout']} | {r['median_s']:.3f} | {pred} | {err} | {r['tokens_per_s']:,.0f} "
+                     f"| {vs_ds} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | {busy} | {r['note']} |")
     for name, why in payload["skipped"].items():
-        lines.append(f"| {name} | - | - | - | - | - | - | - | not run: {why} |")
+        lines.append(f"| {name} | - | - | - | - | - | - | - | - | - | not run: {why} |")
+    for name, p in payload.get("plans", {}).items():
+        plan = p["plan"]
+        degrees = " ".join(f"{a}/{b}" for a, b in plan["degrees"])
+        lines += ["", f"{name}: planned r_fwd/r_bwd per MoE layer {degrees}, gradient plan "
+                      f"{plan['gar_plan'] or '(none)'} ({plan['partition']}); predicted step {plan['step_s']:.3f} s; "
+                      f"solve {1e3 * plan['solve_s']:.0f} ms, planning with its profile {p['plan_wall_s']:.1f} s."]
     if payload["best_ours"] and payload["speedup_vs_deepspeed"] is not None:
         lines += ["", f"Best fsmoe row on DeepSpeed's layout: {payload['best_ours']}, "
                       f"{payload['speedup_vs_deepspeed']:.2f}x DeepSpeed's tokens/s."]
