@@ -21,7 +21,7 @@ install: $(STAMP)
 
 # The default job: the tiny GPT-MoE on 4 CPU ranks in 2 declared nodes (MP = ESP = 2 inside a node,
 # EP = 2 across nodes), about 3 minutes on 2 cores.
-RUN_ARGS ?= --nproc 4 --procs-per-node 2 --mp 2 --ep 2 --esp 2 --steps 500
+RUN_ARGS ?= --nproc 4 --procs-per-node 2 --mp 2 --ep 2 --esp 2 --steps 500 --overwrite
 
 run: $(STAMP)
 	$(PY) -m fsmoe train --out runs/default $(RUN_ARGS)

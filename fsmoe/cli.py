@@ -90,6 +90,24 @@ def _under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def check_train_job(job: JobConfig) -> None:
+    """What can be checked once, before any rank starts (and again, cheaply, on every rank): the training
+    rules, the gradient plan's syntax against the model's gradient stream; in the launching process also
+    the data file and the run directory."""
+    job.check_training()
+    if job.schedule.gar_plan:
+        from fsmoe.parallel.grad_plan import parse_plan
+        from fsmoe.perf.partition import rank_stream
+
+        parse_plan(job.schedule.gar_plan, rank_stream(job))
+    if not _under_launcher():
+        from fsmoe.train.data import check_data
+        from fsmoe.train.trainer import prepare_run_dir
+
+        check_data(job.data, job.model.seq_len)
+        prepare_run_dir(job)
+
+
 def handle_train(job: JobConfig, args: argparse.Namespace) -> int:
     argv = args.argv
     from fsmoe.train.data import DataError
@@ -101,10 +119,15 @@ def handle_train(job: JobConfig, args: argparse.Namespace) -> int:
         if job.cluster.launcher == "local":
             return launch(argv, job.parallel.nproc)
         return _launch_on_cluster(job, argv)
+    from fsmoe.train.trainer import TrainingDiverged
+
     try:
         run_train(job)
     except DataError as e:  # a missing, empty or too-short --data file
         raise UsageError(str(e)) from e
+    except TrainingDiverged as e:
+        print(f"fsmoe train: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -235,7 +258,7 @@ COMMANDS: tuple[Command, ...] = (
             "Train the GPT-MoE on one process or on --nproc ranks (started by fsmoe itself, on this machine or on an "
             "emulated cluster with --launcher emulated, or by torchrun). The resolved job is written to "
             "<out>/job.toml; --config reads such a file, and flags given override it.",
-            TRAIN_SECTIONS, handle_train, check=JobConfig.check_training),
+            TRAIN_SECTIONS, handle_train, check=check_train_job),
     Command(("profile",), "measure this job's operations on its own groups (alpha-beta per op; cached)",
             "Start the job's ranks (as `fsmoe train` would), time every operation of its MoE blocks on the real "
             "process groups — EP AlltoAll, ESP AllGather/ReduceScatter and the gradient all-reduce, idle and "
@@ -299,8 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = job_from_args(args, cmd)  # every rule of the job, checked here before any rank starts
     except ValueError as e:
         parser.exit(2, f"fsmoe {cmd.recipe}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"fsmoe {cmd.recipe}: interrupted\n")
     args.argv = argv
     try:
         return int(cmd.handler(job, args))
     except UsageError as e:
         parser.exit(2, f"fsmoe {cmd.recipe}: error: {e}\n")
+    except KeyboardInterrupt:  # the launchers have stopped their ranks by now
+        parser.exit(130, f"fsmoe {cmd.recipe}: interrupted\n")

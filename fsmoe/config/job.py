@@ -356,6 +356,8 @@ class RunConfig:
                               parse=optional_parser(int))
     trace: str | None = opt(None, "write a Chrome-trace JSON of the MoE blocks' tasks to FILE",
                             parse=optional_parser(str))
+    overwrite: bool = opt(False, "replace a previous run in --out (else a run directory is never overwritten)",
+                          parse=parse_bool)
 
     def __post_init__(self) -> None:
         if not self.out:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,40 @@ def split_bytes(data: bytes, val_fraction: float, seq_len: int, source: str) -> 
         )
     data_N = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return Corpus(train_N=data_N[: n - n_val].clone(), val_N=data_N[n - n_val :].clone(), source=source)
+
+
+TEXT_SNIFF_BYTES = 65536
+_TEXT_BYTES = frozenset(range(32, 127)) | {9, 10, 12, 13}
+
+
+def check_data(cfg: DataConfig, seq_len: int) -> None:
+    """The checks that can be made before any rank starts, once: a ``path`` that is a readable file long
+    enough for two sequences (:class:`DataError` naming the file and the numbers), and a warning when its
+    first 64 KiB do not look like text (any bytes are trained on as they are, so a binary file would
+    train silently on noise)."""
+    if cfg.path is None:
+        return
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist or is not a file")
+    size = path.stat().st_size
+    if size < 2 * (seq_len + 1):
+        raise DataError(f"data file {str(path)!r} has {size} bytes, too short for seq_len={seq_len}: the train and "
+                        f"validation splits need at least {2 * (seq_len + 1)} bytes in all")
+    try:
+        with path.open("rb") as f:
+            head = f.read(TEXT_SNIFF_BYTES)
+    except OSError as e:
+        raise DataError(f"data file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        head.decode("utf-8")
+        odd = sum(b not in _TEXT_BYTES and b < 128 for b in head)
+    except UnicodeDecodeError as e:
+        odd = len(head) if e.start < len(head) - 4 else 0  # a cut multi-byte character at the end is fine
+    if head and odd / len(head) > 0.05:
+        warnings.warn(f"data file {str(path)!r} does not look like text ({odd / len(head):.0%} of its first "
+                      f"{len(head):,} bytes are control bytes or not UTF-8); fsmoe trains on its bytes as they are",
+                      UserWarning, stacklevel=2)
 
 
 def load_corpus(cfg: DataConfig, seq_len: int) -> Corpus:

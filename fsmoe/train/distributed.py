@@ -1,4 +1,4 @@
-"""Distributed training glue: joining the ranks, gradient-norm clipping, and the launcher.
+"""Distributed training glue: joining the ranks, gradient-norm clipping, the launcher and its watchdog.
 
 The layout (:class:`~fsmoe.config.ParallelConfig`) is validated with the rest of the job before any rank
 starts, and again, identically, on every rank when it builds the job, so a bad layout raises the same
@@ -7,16 +7,43 @@ builds the groups, and compares a hash of the whole job across ranks (one 8-byte
 
 :func:`launch` starts ``nproc`` local ranks through torch's own elastic launcher API (what ``torchrun``
 uses), re-running this command line in each; when one rank fails, the launcher stops the others.
+
+Faults the launcher handles (fsmoe's own launchers: :func:`launch` and :mod:`fsmoe.cluster`'s):
+
+* **A hung rank.** Every rank beats a :class:`Heartbeat` (``ctx.heartbeat(step)`` after each step); the
+  launcher's :class:`HangWatch` sees a rank whose heartbeat stood still for ``hang_timeout_s``, prints
+  ``fsmoe: rank R made no progress for N s (last step S); stopping the job`` and kills every rank (a
+  SIGSTOPped one included), exit status non-zero. A heartbeat is three integers in a shared memory map
+  (``pid, step, beats``): one ~µs store per step, no system call and no collective. Collective timeouts
+  (``--collective-timeout``) fire too, but only on groups created with that timeout; the watchdog does
+  not rely on them.
+* **A killed launcher.** A rank started by :func:`launch` sets ``PR_SET_PDEATHSIG`` in :func:`setup`
+  (:func:`die_with_launcher`), and exits at once if its launcher is already gone; the cluster
+  launchers set it before ``exec``.
+
+Under ``torchrun`` neither variable is set: the heartbeat is a no-op and the ranks die as torchrun
+decides; what fires there is the collective timeout (the peers of a hung rank raise after
+``--collective-timeout``, then torchrun stops the rest: SIGTERM, SIGKILL after 30 s).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
 import os
+import shutil
+import signal
+import struct
 import sys
+import tempfile
+import threading
+import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,12 +54,235 @@ from fsmoe.config import ParallelConfig
 from fsmoe.parallel.dims import ParallelDims, ProcessGroups, build_groups, config_hash_check
 from fsmoe.parallel.grad_sync import REPLICA_ATTR
 
+HEARTBEAT_DIR_ENV = "FSMOE_HEARTBEAT_DIR"  # set by the launcher: where each rank's heartbeat file lives
+LAUNCHER_PID_ENV = "FSMOE_LAUNCHER_PID"  # set by launch(): the rank's parent, which it must die with
+_BEAT = struct.Struct("<qqq")  # pid, last finished step, beats so far
+_PR_SET_PDEATHSIG = 1
+_WATCH_POLL_S = 0.5
+
+
+# --- the rank side ---------------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """What one rank tells its launcher's :class:`HangWatch`: ``beat(step)`` after each finished step
+    (``step`` 0 before the first). Beating again with the same step also counts as progress, for long
+    phases without steps. Costs one store into a shared memory map (no system call); a no-op when the
+    launcher set no :data:`HEARTBEAT_DIR_ENV` (one process, torchrun)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._beats = 0
+        self._map: mmap.mmap | None = None
+        if self.path is not None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, _BEAT.size)
+                self._map = mmap.mmap(fd, _BEAT.size)
+            finally:
+                os.close(fd)  # the map keeps the file
+            _BEAT.pack_into(self._map, 0, os.getpid(), 0, 0)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Heartbeat:
+        """This rank's heartbeat (``RANK`` names its file) under a launcher that watches, else a no-op."""
+        folder = environ.get(HEARTBEAT_DIR_ENV)
+        if folder is None:
+            return cls(None)
+        return cls(heartbeat_path(folder, int(environ["RANK"])))
+
+    @property
+    def enabled(self) -> bool:
+        return self._map is not None
+
+    def __call__(self, step: int) -> None:
+        if self._map is not None:
+            self._beats += 1
+            _BEAT.pack_into(self._map, 0, os.getpid(), step, self._beats)
+
+
+def heartbeat_path(folder: str | Path, rank: int) -> Path:
+    return Path(folder) / f"rank{rank}.beat"
+
+
+def die_with_launcher(environ: Mapping[str, str] = os.environ) -> None:
+    """Under :func:`launch`: SIGKILL this process when its launcher dies (``PR_SET_PDEATHSIG``); exit at
+    once if the launcher is already gone. A no-op elsewhere (torchrun, one process, not Linux)."""
+    launcher = environ.get(LAUNCHER_PID_ENV)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(launcher):  # it died before prctl took effect: nobody is left to stop us
+        raise SystemExit(f"fsmoe: the launcher (pid {launcher}) is gone; rank {environ.get('RANK', '?')} exits")
+
+
+# --- the launcher side -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankBeat:
+    """What the launcher last read of one rank's heartbeat; ``pid`` None before the rank wrote one."""
+
+    rank: int
+    pid: int | None
+    step: int | None
+    silent_s: float  # seconds since its beats last changed (since the watch started, if it never beat)
+    state: str | None = None  # its process state (``/proc/PID/stat``): "T" stopped, None gone or unknown
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal (SIGSTOP, Ctrl-Z) or a debugger."""
+        return self.state in ("T", "t")
+
+    @property
+    def exited(self) -> bool:
+        """It wrote a heartbeat and its process is gone (or a zombie): the launcher sees its exit."""
+        return self.pid is not None and self.state in (None, "Z", "X")
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A rank whose heartbeat stood still for ``hang_timeout_s``; ``ranks`` is every rank's state then."""
+
+    rank: int
+    silent_s: float
+    last_step: int | None
+    ranks: tuple[RankBeat, ...] = field(default=())
+
+    def message(self) -> str:
+        step = "no heartbeat yet" if self.last_step is None else f"last step {self.last_step}"
+        return f"rank {self.rank} made no progress for {self.silent_s:.0f} s ({step}); stopping the job"
+
+    def details(self) -> str:
+        """One line per rank: its last step, how long it has been silent, whether it is stopped."""
+        return "\n".join(
+            f"  rank {b.rank}: "
+            + ("no heartbeat yet" if b.step is None else f"step {b.step}")
+            + f", silent {b.silent_s:.1f} s"
+            + (", process stopped (SIGSTOP?)" if b.stopped else ", exited" if b.exited else "")
+            for b in self.ranks
+        )
+
+
+class HangWatch:
+    """The launcher side of the heartbeats of ``world_size`` ranks (see the module doc).
+
+    :meth:`start` makes the folder and returns the variables every rank needs; :meth:`check` (polled by
+    the launcher, twice a second) returns why the job must stop, or None; :meth:`close` removes the
+    folder. This is the ``Watchdog`` of :func:`fsmoe.cluster.ranks.run_processes`.
+
+    Start-up is slower than a step and has timeouts of its own (rendezvous, ``init_process_group``):
+    until a rank has finished its first step it may be silent for ``max(hang_timeout_s, startup_s)``
+    (imports, joining, building the model, planning, the first step). Which rank is blamed when several
+    are silent (a hung rank's peers wait for it in a collective, so they go silent too): a stopped
+    process first, then the lowest last step, then the longest silence."""
+
+    def __init__(self, world_size: int, hang_timeout_s: float, *, startup_s: float = 120.0) -> None:
+        if not hang_timeout_s > 0:
+            raise ValueError(f"hang_timeout_s must be > 0, got {hang_timeout_s}")
+        self.world_size = world_size
+        self.hang_timeout_s = float(hang_timeout_s)
+        self.startup_s = float(startup_s)
+        self.folder: Path | None = None
+        self._seen: list[tuple[int, int, int] | None] = [None] * world_size
+        self._changed_at: list[float] = [0.0] * world_size
+
+    def start(self) -> dict[str, str]:
+        if self.folder is not None:
+            raise RuntimeError("this HangWatch is already watching a launch; use one per launch")
+        self.folder = Path(tempfile.mkdtemp(prefix="fsmoe-heartbeat-"))
+        self._seen = [None] * self.world_size
+        self._changed_at = [time.monotonic()] * self.world_size
+        return {HEARTBEAT_DIR_ENV: str(self.folder)}
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self) -> HangWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, now: float | None = None) -> list[RankBeat]:
+        """Every rank's heartbeat as of ``now`` (``time.monotonic()``)."""
+        if self.folder is None:
+            raise RuntimeError("HangWatch.read before start()")
+        now = time.monotonic() if now is None else now
+        beats = []
+        for rank in range(self.world_size):
+            seen = _read_beat(heartbeat_path(self.folder, rank))
+            if seen is not None and seen != self._seen[rank]:
+                self._seen[rank] = seen
+                self._changed_at[rank] = now
+            seen = self._seen[rank]
+            pid, step = (None, None) if seen is None else (seen[0], seen[1])
+            state = None if pid is None else _proc_state(pid)
+            beats.append(RankBeat(rank, pid, step, now - self._changed_at[rank], state))
+        return beats
+
+    def allowed_s(self, beat: RankBeat) -> float:
+        """How long this rank may be silent: ``hang_timeout_s``, or more before its first step is done."""
+        started = beat.step is not None and beat.step >= 1
+        return self.hang_timeout_s if started else max(self.hang_timeout_s, self.startup_s)
+
+    def stalled(self, now: float | None = None) -> Stall | None:
+        """The rank to blame when some rank has been silent for longer than allowed, else None."""
+        beats = self.read(now)
+        running = [b for b in beats if not b.exited]
+        if not any(b.silent_s >= self.allowed_s(b) for b in running):
+            return None
+        silent = [b for b in running if b.silent_s >= self.allowed_s(b) or b.stopped]
+        worst = min(silent, key=lambda b: (not b.stopped, -1 if b.step is None else b.step, -b.silent_s))
+        return Stall(worst.rank, worst.silent_s, worst.step, tuple(beats))
+
+    def check(self) -> str | None:
+        stall = self.stalled()
+        return None if stall is None else f"{stall.message()}\n{stall.details()}"
+
+    def rank_pids(self) -> list[int]:
+        """The pids the ranks wrote in their heartbeats (ranks that have not written one are missing)."""
+        return [b.pid for b in self.read() if b.pid is not None]
+
+
+def _read_beat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_BEAT.size)
+    except FileNotFoundError:
+        return None
+    if len(data) < _BEAT.size:
+        return None
+    pid, step, beats = _BEAT.unpack(data)
+    return (pid, step, beats) if pid > 0 else None
+
+
+def _proc_state(pid: int) -> str | None:
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[0]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/PID/stat`` (state, ppid, pgrp, ...), None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+# --- the ranks: joining, clipping -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DistContext:
     rank: int
     world: int
     groups: ProcessGroups
+    heartbeat: Heartbeat = field(default_factory=lambda: Heartbeat(None), compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +295,10 @@ def env_world_size() -> int:
 
 
 def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
-    """Join the process group of a launched rank and build the groups; ``None`` for one process."""
+    """Join the process group of a launched rank and build the groups; ``None`` for one process.
+
+    First, under fsmoe's launchers: die with the launcher (:func:`die_with_launcher`) and beat step 0,
+    so the watchdog knows this rank is up (``ctx.heartbeat(step)`` after each step from then on)."""
     if not par.distributed:
         return None
     world = env_world_size()
@@ -54,11 +307,14 @@ def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
             f"--nproc {par.nproc} does not match the launcher's WORLD_SIZE={world}; "
             "start with `fsmoe train --nproc N` or `torchrun --nproc-per-node N -m fsmoe train ...`"
         )
+    die_with_launcher()
+    heartbeat = Heartbeat.from_env()
+    heartbeat(0)
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=par.timeout_s))
     groups = build_groups(ParallelDims.from_config(par), channels=2)
     config_hash_check(config_for_hash)
-    return DistContext(dist.get_rank(), dist.get_world_size(), groups)
+    return DistContext(dist.get_rank(), dist.get_world_size(), groups, heartbeat)
 
 
 def teardown() -> None:
@@ -92,21 +348,92 @@ def clip_grads_(model: nn.Module, max_norm: float, world: int, groups: ProcessGr
     return float(norm)
 
 
-def launch(argv: Sequence[str], nproc: int, module: str = "fsmoe") -> int:
+# --- the local launcher -------------------------------------------------------------------------------
+
+
+def launch(argv: Sequence[str], nproc: int, module: str = "fsmoe", *, hang_timeout_s: float | None = None) -> int:
     """Run ``python -m <module> <argv>`` on ``nproc`` local ranks with torch's elastic launcher; returns
-    0 when every rank succeeded, 1 otherwise (the launcher has then stopped the remaining ranks)."""
+    0 when every rank succeeded, 1 otherwise (the launcher has then stopped the remaining ranks).
+
+    The ranks die with this process (:func:`die_with_launcher`, in :func:`setup`). ``hang_timeout_s``:
+    stop the job when a rank's heartbeat stands still that long (see the module doc); None: no watchdog."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"fsmoe-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"fsmoe-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.2,
         start_method="spawn",
     )
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    watch = None if hang_timeout_s is None else HangWatch(nproc, hang_timeout_s)
+    watch_env = {} if watch is None else watch.start()
+    stalled = threading.Event()
+    done = threading.Event()
+    watcher = None
+    if watch is not None:
+        watcher = threading.Thread(target=_watch_children, args=(watch, stalled, done), daemon=True)
+        watcher.start()
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
+        with _environ(
+            {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), LAUNCHER_PID_ENV: str(os.getpid()), **watch_env}
+        ):
+            elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
     except ChildFailedError as err:
-        print(f"fsmoe: a rank failed, all ranks were stopped:\n{err.format_msg()}", file=sys.stderr, flush=True)
+        if not stalled.is_set():
+            print(f"fsmoe: a rank failed, all ranks were stopped:\n{err.format_msg()}", file=sys.stderr, flush=True)
         return 1
-    return 0
+    finally:
+        done.set()
+        if watcher is not None:
+            watcher.join()
+        if watch is not None:
+            watch.close()
+    return 1 if stalled.is_set() else 0
+
+
+def _watch_children(watch: HangWatch, stalled: threading.Event, done: threading.Event) -> None:
+    """The watchdog thread of :func:`launch`: on a stall, say so and SIGKILL every rank (and its group);
+    the elastic agent then sees them fail and returns. Kills only our own children (pid reuse)."""
+    while not done.wait(_WATCH_POLL_S):
+        stall = watch.stalled()
+        if stall is None:
+            continue
+        print(f"fsmoe: {stall.message()}\n{stall.details()}", file=sys.stderr, flush=True)
+        stalled.set()
+        while not done.is_set():  # again until the agent returns: a rank that had not beaten yet may show up
+            for pid in watch.rank_pids():
+                _kill_child(pid)
+            done.wait(_WATCH_POLL_S)
+        return
+
+
+def _kill_child(pid: int) -> None:
+    stat = _proc_stat(pid)
+    if stat is None or int(stat[1]) != os.getpid():
+        return  # gone, or no longer ours
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if int(stat[2]) == pid:  # a group leader (the elastic agent starts each rank in its own session)
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in this process's environment (the elastic agent copies it into every rank)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

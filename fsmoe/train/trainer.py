@@ -11,14 +11,16 @@ Syncing reads (``.item()``, ``dropped_fraction``) happen only at those logging p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,13 +41,14 @@ from fsmoe.parallel.parallelize import (
 )
 from fsmoe.schedule.runtime import Runtime, chrome_trace
 from fsmoe.train.data import BatchSampler, load_corpus
-from fsmoe.train.distributed import DistContext, clip_grads_, setup, teardown
+from fsmoe.train.distributed import DistContext, clip_grads_, global_grad_norm, setup, teardown
 
 if TYPE_CHECKING:
     from fsmoe.perf.planner import JobPlan
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STATUS_FILE = "status.json"
 CONFIG_FILE = "job.toml"
 PLAN_FILE = "plan.json"
 
@@ -181,13 +184,32 @@ def build_grad_sync(model: GPTMoE, job: JobConfig, ctx: DistContext | None) -> G
     return sync
 
 
+class TrainingDiverged(RuntimeError):
+    """A step produced a non-finite loss or gradient; raised on every rank alike, before the update."""
+
+
+def check_finite(norm: Tensor, out: ModelOutput, step: int) -> None:
+    """Stop at the first step whose global gradient norm is not finite (a non-finite loss on any rank makes
+    it so, since the norm is all-reduced): the same decision on every rank, so no rank is left waiting in
+    a collective, and the weights stay those of the last good step.
+    Syncs (an ``.item()`` of one scalar per step): the decision needs the value on the host."""
+    value = float(norm)
+    if not math.isfinite(value):
+        loss = float(out.loss.detach()) if out.loss is not None else math.nan
+        raise TrainingDiverged(
+            f"step {step}: the gradient norm is {value} (this rank's loss {loss}); stopped before the update, so "
+            f"the weights are those after step {step - 1}: lower --lr, raise --lr-warmup, or clip with --grad-clip"
+        )
+
+
 def train_step(
     model: nn.Module, opt: torch.optim.Optimizer, sync: GradSync | PlannedGradSync, batch: tuple[Tensor, Tensor],
     step: int, cfg: TrainConfig, ctx: DistContext | None,
 ) -> ModelOutput:
     """One optimizer step at 1-based ``step`` on this rank's ``batch`` (x_BL, y_BL): forward, backward of
-    LM + aux loss, gradient sync, clipping, AdamW at ``lr_at(step)``. Collective when ``ctx`` is set;
-    no syncing reads. ``model`` is a :class:`GPTMoE` (or any module with the same forward contract)."""
+    LM + aux loss, gradient sync, the finiteness check (:func:`check_finite`, the one syncing read),
+    clipping, AdamW at ``lr_at(step)``. Collective when ``ctx`` is set. ``model`` is a :class:`GPTMoE`
+    (or any module with the same forward contract)."""
     lr = lr_at(step, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -198,8 +220,10 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sync.sync()
+    world, groups = (1, None) if ctx is None else (ctx.world, ctx.groups)
+    check_finite(global_grad_norm(model, world, groups), out, step)
     if cfg.grad_clip is not None:
-        clip_grads_(model, cfg.grad_clip, 1 if ctx is None else ctx.world, None if ctx is None else ctx.groups)
+        clip_grads_(model, cfg.grad_clip, world, groups)
     opt.step()
     return out
 
@@ -215,8 +239,53 @@ def run_train(job: JobConfig) -> TrainResult:
     ctx = setup(job.parallel, job)
     try:
         return _train(job, corpus, ctx)
+    except BaseException as e:  # the run directory says that this run did not finish, and why
+        mark_run(job, ctx, "failed", error=f"{type(e).__name__}: {e}")
+        raise
     finally:
         teardown()
+
+
+RUN_FILES = (CONFIG_FILE, PLAN_FILE, METRICS_FILE, SUMMARY_FILE, STATUS_FILE)
+
+
+def prepare_run_dir(job: JobConfig) -> None:
+    """Check ``run.out`` before any rank starts: it must be a directory this process can create and write,
+    and it must not hold a previous run unless ``run.overwrite`` (then that run's files are removed, and
+    nothing else). ``ValueError`` naming the path and the reason."""
+    out = Path(job.run.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    previous = [f for f in RUN_FILES if (out / f).exists()]
+    if previous and not job.run.overwrite:
+        raise ValueError(f"--out {str(out)!r} holds a previous run ({', '.join(previous)}); pass --overwrite to "
+                         "replace it, or choose another --out")
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:  # the one reliable test (root passes every permission check): make it, write in it, leave no trace
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+        for f in previous:
+            (out / f).unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write the run directory --out {str(out)!r}: {e.strerror or e}") from None
+    finally:
+        for p in created:  # deepest first; the run creates them again when it starts
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def mark_run(job: JobConfig, ctx: DistContext | None, state: str, **extra: object) -> None:
+    """``<out>/status.json``: ``running`` from the start, then ``finished`` or ``failed`` (with the error);
+    written by the main rank only, once the run directory exists."""
+    out_dir = Path(job.run.out)
+    if (ctx is None or ctx.is_main) and out_dir.is_dir():
+        (out_dir / STATUS_FILE).write_text(json.dumps({"state": state, **extra}, indent=2) + "\n")
+
+
+def _strict(record: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON: a non-finite float becomes null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str], None] = print) -> tuple[
@@ -260,6 +329,7 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG_FILE).write_text(dump_toml(job))
+        mark_run(job, ctx, "running")
         if plan is not None:
             (out_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n")
             print(plan.explain(), flush=True)
@@ -320,7 +390,7 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
                     "elapsed_s": train_seconds,
                 }
                 if metrics is not None:
-                    metrics.write(json.dumps(last_record) + "\n")
+                    metrics.write(json.dumps(_strict(last_record), allow_nan=False) + "\n")
                     metrics.flush()
                     print(_format_line(last_record, cfg.steps), flush=True)
                 interval_loss.zero_()
@@ -351,7 +421,9 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
             chrome_trace(pipe.runtime.events, trace)
             print(f"trace: {trace} (open in Perfetto)", flush=True)
     if main:
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(_strict(dataclasses.asdict(result)), indent=2, allow_nan=False)
+                                            + "\n")
+        mark_run(job, ctx, "finished", steps=step)
         print(
             f"done: {step} steps, first loss {first_loss:.4f}, last loss {result.last_loss:.4f}, "
             f"val loss {val_loss:.4f}, {result.tokens_per_s:,.0f} tok/s, {train_seconds:.1f}s training",
