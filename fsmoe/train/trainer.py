@@ -382,7 +382,8 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
                     first_loss = mean_loss
                 last_record = {
                     "step": step,
-                    "loss": mean_loss,
+                    "loss": mean_loss,  # the mean over the logging interval's steps (weights still moving)
+                    "loss_steps": interval_steps,
                     "aux_loss": aux,
                     "dropped_fraction": dropped,
                     "lr": lr,
@@ -425,8 +426,9 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
                                             + "\n")
         mark_run(job, ctx, "finished", steps=step)
         print(
-            f"done: {step} steps, first loss {first_loss:.4f}, last loss {result.last_loss:.4f}, "
-            f"val loss {val_loss:.4f}, {result.tokens_per_s:,.0f} tok/s, {train_seconds:.1f}s training",
+            f"done: {step} steps, first loss {first_loss:.4f}, last loss {result.last_loss:.4f} (mean of steps "
+            f"{step - int(last_record['loss_steps']) + 1}-{step}), val loss {val_loss:.4f} (final weights, held-out "
+            f"split), {result.tokens_per_s:,.0f} tok/s, {train_seconds:.1f}s training",
             flush=True,
         )
     return result
