@@ -117,7 +117,7 @@ def handle_train(job: JobConfig, args: argparse.Namespace) -> int:
     if job.parallel.distributed and not _under_launcher():
         # Not launched yet: start the ranks, each re-running this command line (validated here, once).
         if job.cluster.launcher == "local":
-            return launch(argv, job.parallel.nproc)
+            return launch(argv, job.parallel.nproc, hang_timeout_s=job.parallel.hang_timeout_s)
         return _launch_on_cluster(job, argv)
     from fsmoe.train.trainer import TrainingDiverged
 
@@ -133,14 +133,16 @@ def handle_train(job: JobConfig, args: argparse.Namespace) -> int:
 
 def _launch_on_cluster(job: JobConfig, argv: Sequence[str]) -> int:
     from fsmoe.cluster import ClusterUnavailable, EmulatedClusterSpec, launch_on_cluster
+    from fsmoe.train.distributed import HangWatch
 
-    cl = job.cluster
+    cl, hang = job.cluster, job.parallel.hang_timeout_s
     spec = EmulatedClusterSpec.from_job(job)
+    watchdog = None if hang is None else HangWatch(job.parallel.nproc, hang)
     try:
         # c10d warns on every rank that the namespace's addresses have no host name; keep the log readable
         quiet = {"TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
         code = launch_on_cluster(spec, [sys.executable, "-u", "-m", "fsmoe", *argv],
-                                 allow_unshaped=cl.launcher == "auto", env=quiet)
+                                 allow_unshaped=cl.launcher == "auto", env=quiet, watchdog=watchdog)
     except ClusterUnavailable as e:
         raise UsageError(f"{e}; use --launcher auto to run unshaped anyway") from e
     return 0 if code == 0 else 1
@@ -173,6 +175,12 @@ def handle_plan(job: JobConfig, args: argparse.Namespace) -> int:
     plan = plan_job(job, _costs(job), schedule=name, max_degree=job.plan.max_degree)
     print(json.dumps(plan.to_dict(), indent=2, allow_nan=False) if args.json else plan.explain())
     return 0
+
+
+def handle_cluster_cleanup(job: JobConfig, args: argparse.Namespace) -> int:
+    from fsmoe.cluster import cleanup_command
+
+    return cleanup_command()
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
@@ -251,6 +259,8 @@ class Command:
         return " ".join(self.words)
 
 
+GROUP_HELP = {"bench": "side-by-side benchmarks on the emulated multi-node cluster",
+              "cluster": "the emulated cluster: housekeeping"}
 TRAIN_SECTIONS = ("model", "moe", "parallel", "schedule", "plan", "train", "data", "run", "cluster")
 
 COMMANDS: tuple[Command, ...] = (
@@ -271,6 +281,10 @@ COMMANDS: tuple[Command, ...] = (
             "and the gradient all-reduce plan. Same flags as `fsmoe train`; `fsmoe train --schedule fsmoe` "
             "does the same by itself when no degree is given.",
             TRAIN_SECTIONS, handle_plan, check=JobConfig.check_training, extra=_json_flag),
+    Command(("cluster", "cleanup"), "remove what dead emulated clusters left (namespaces, bridges, their ranks)",
+            "Remove the network namespaces (and the processes in them) of emulated clusters whose launcher is "
+            "gone — e.g. after a SIGKILL; a live run's cluster is left alone. Needs root.",
+            (), handle_cluster_cleanup),
     Command(("bench", "layer"), "one MoE layer: our schedules at several degrees and DeepSpeed-MoE, interleaved",
             "Time one MoE layer's forward + backward (+ the dense Gradient-AllReduce) under every schedule and degree, "
             "with DeepSpeed-MoE beside them, interleaved round by round on an emulated cluster; report medians, ratios "
@@ -297,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         where = sub
         if len(cmd.words) == 2:
             if cmd.words[0] not in nested:
-                group = sub.add_parser(cmd.words[0], help="side-by-side benchmarks on the emulated multi-node cluster")
+                group = sub.add_parser(cmd.words[0], help=GROUP_HELP[cmd.words[0]])
                 nested[cmd.words[0]] = group.add_subparsers(dest="subcommand", required=True, metavar="BENCHMARK")
             where = nested[cmd.words[0]]
         p = where.add_parser(cmd.words[-1], help=cmd.help, description=cmd.description)

@@ -36,7 +36,7 @@ ALLOWED = {
     "cluster": {"config", "parallel"},
     "train": {"config", "models", "moe", "parallel", "perf", "schedule"},
     "bench": {"cluster", "config", "models", "moe", "parallel", "perf", "schedule", "train"},
-    "cli": {"bench", "cluster", "config", "perf", "train"},
+    "cli": {"bench", "cluster", "config", "parallel", "perf", "train"},
     "__main__": {"cli"},
     "fsmoe": set(),  # the package's own __init__
 }

@@ -13,7 +13,8 @@ be measured).
 * :func:`launch_on_cluster` — ``open_cluster`` + ``launch`` in one call (what the CLI needs).
 * :func:`open_cluster` — the same, or an unshaped :class:`LocalCluster` with a warning where this machine
   cannot build namespaces; :func:`check_privileges` says why not; :func:`cleanup_stale` removes what
-  dead runs left (:mod:`~fsmoe.cluster.netns`).
+  dead runs left, :func:`cleanup_command` does it for ``fsmoe cluster cleanup`` (:mod:`~fsmoe.cluster.netns`).
+* :class:`Watchdog` — what a launch polls to stop hung ranks (:mod:`~fsmoe.cluster.ranks`).
 """
 
 from fsmoe.cluster.launcher import (
@@ -24,8 +25,15 @@ from fsmoe.cluster.launcher import (
     open_cluster,
     run_distributed,
 )
-from fsmoe.cluster.netns import ClusterSetupError, Topology, check_privileges, cleanup_stale, list_namespaces
-from fsmoe.cluster.ranks import LaunchOutcome, RankFailed, RanksTimedOut, report_progress
+from fsmoe.cluster.netns import (
+    ClusterSetupError,
+    Topology,
+    check_privileges,
+    cleanup_command,
+    cleanup_stale,
+    list_namespaces,
+)
+from fsmoe.cluster.ranks import LaunchOutcome, RankFailed, RanksTimedOut, Watchdog, report_progress
 from fsmoe.cluster.spec import EmulatedClusterSpec, TbfParams, format_rate, parse_rate
 
 __all__ = [
@@ -39,7 +47,9 @@ __all__ = [
     "RanksTimedOut",
     "TbfParams",
     "Topology",
+    "Watchdog",
     "check_privileges",
+    "cleanup_command",
     "cleanup_stale",
     "format_rate",
     "launch_on_cluster",

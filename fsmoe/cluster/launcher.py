@@ -30,7 +30,13 @@ Nothing leaks: ranks run in their own process groups and die with the launcher (
 ``close()`` (run by ``__exit__``, by ``atexit``, and on SIGTERM/SIGHUP, which raise ``SystemExit``
 inside the ``with``) kills whatever still runs in our namespaces and deletes them. Ctrl-C reaches only
 the launcher (ranks are in their own sessions), which stops the ranks and cleans up. A launcher killed
-with SIGKILL leaves namespaces behind; the next cluster's ``__enter__`` removes them (:func:`cleanup_stale`).
+with SIGKILL takes its ranks along but leaves its (empty) namespaces behind; the next cluster's
+``__enter__`` removes them (:func:`cleanup_stale`), and so does ``fsmoe cluster cleanup``
+(:func:`~fsmoe.cluster.netns.cleanup_command`).
+
+A hung rank: ``launch(..., watchdog=...)`` polls a :class:`~fsmoe.cluster.ranks.Watchdog` (for training,
+:class:`fsmoe.train.distributed.HangWatch`, which reads the ranks' heartbeats) and stops every rank when
+it says so; ``launch`` then prints ``fsmoe: <its message>`` and returns 124.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from fsmoe.cluster.ranks import (
     LaunchOutcome,
     RankDir,
     RankProcess,
+    Watchdog,
     run_processes,
     start_forked,
     start_subprocess,
@@ -139,13 +146,15 @@ class _Launcher:
         timeout: float | None = None,
         log_dir: str | Path | None = None,
         cwd: str | Path | None = None,
+        watchdog: Watchdog | None = None,
     ) -> int:
         """Run ``argv`` as every rank; return 0 when all exit 0, else the first failure's exit status.
 
         ``env`` is added to this process's environment (the rank variables win). ``log_dir``: write
         rank r's stdout and stderr to ``log_dir/rank{r}.log`` instead of this process's. When a rank
-        exits non-zero, or ``timeout`` seconds pass (status 124), the others are stopped (SIGTERM,
-        then SIGKILL) and a line on stderr says which rank failed."""
+        exits non-zero, ``timeout`` seconds pass (status 124), or ``watchdog`` (one per launch, e.g. a
+        :class:`fsmoe.train.distributed.HangWatch`) sees a rank make no progress (status 124), the
+        others are stopped (SIGTERM and SIGCONT, then SIGKILL) and stderr says which rank failed."""
         if not argv:
             raise ValueError("launch needs a command")
         logs = None if log_dir is None else RankDir(log_dir)
@@ -154,8 +163,10 @@ class _Launcher:
             log = None if logs is None else logs.log_path(rank)
             return start_subprocess(self.rank_command(rank, argv), rank_env, cwd=cwd, log=log)
 
-        outcome = self._run(start, env, timeout)
-        if outcome.code != 0:
+        outcome = self._run(start, env, timeout, watchdog)
+        if outcome.stalled is not None:
+            print(f"fsmoe: {outcome.stalled}", file=sys.stderr, flush=True)
+        elif outcome.code != 0:
             print(f"[fsmoe.cluster] {self._explain(outcome)}", file=sys.stderr, flush=True)
         return outcome.code
 
@@ -186,14 +197,17 @@ class _Launcher:
             self.rank_command(rank, argv), env, cwd=cwd, log=folder.log_path(rank)
         )
 
-    def _run(self, start: _Starter, env: Mapping[str, str] | None, timeout: float | None) -> LaunchOutcome:
+    def _run(
+        self, start: _Starter, env: Mapping[str, str] | None, timeout: float | None, watchdog: Watchdog | None = None
+    ) -> LaunchOutcome:
         base = {**os.environ, **(env or {})}
         base.setdefault("OMP_NUM_THREADS", "1")
-        with self._rendezvous() as (port, rendezvous_env):
+        with self._rendezvous() as (port, rendezvous_env), _watching(watchdog) as watch_env:
             return run_processes(
-                lambda rank: start(rank, {**base, **rendezvous_env, **self.rank_env(rank, port)}),
+                lambda rank: start(rank, {**base, **watch_env, **rendezvous_env, **self.rank_env(rank, port)}),
                 self.spec.world_size,
                 timeout,
+                watchdog,
             )
 
     def _explain(self, outcome: LaunchOutcome) -> str:
@@ -205,6 +219,18 @@ class _Launcher:
             f"rank {rank} (node {self.spec.node_of(rank)}) exited with status {outcome.code} after "
             f"{outcome.seconds:.1f} s; the other ranks were stopped"
         )
+
+
+@contextlib.contextmanager
+def _watching(watchdog: Watchdog | None) -> Iterator[Mapping[str, str]]:
+    """The watchdog's variables for the ranks, for one launch; closed once the ranks are stopped."""
+    if watchdog is None:
+        yield {}
+        return
+    try:
+        yield watchdog.start()
+    finally:
+        watchdog.close()
 
 
 def _repo_root() -> str:
@@ -258,7 +284,13 @@ class EmulatedCluster(_Launcher):
     def __enter__(self) -> EmulatedCluster:
         if self._topology is not None:
             raise RuntimeError("this EmulatedCluster is already running")
-        cleanup_stale()
+        removed = cleanup_stale()
+        if removed:
+            print(
+                f"[fsmoe.cluster] removed {len(removed)} namespace(s) left by runs that are gone: {', '.join(removed)}",
+                file=sys.stderr,
+                flush=True,
+            )
         self._closing = False
         self._topology = plan_topology(self.spec.nodes)
         atexit.register(self.close)
@@ -403,13 +435,14 @@ def launch_on_cluster(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     log_dir: str | Path | None = None,
+    watchdog: Watchdog | None = None,
 ) -> int:
-    """:func:`open_cluster` + :meth:`~_Launcher.launch` + removal: what ``fsmoe train --emulate-nodes``
+    """:func:`open_cluster` + :meth:`~_Launcher.launch` + removal: what ``fsmoe train --launcher emulated``
     needs. Prints one line naming the cluster on stderr; returns the launch's exit status; raises
     :class:`ClusterUnavailable` (unless ``allow_unshaped``) with a message to show the user."""
     with open_cluster(spec, allow_unshaped=allow_unshaped) as cluster:
         print(f"[fsmoe.cluster] {cluster.describe()}", file=sys.stderr, flush=True)
-        return cluster.launch(argv, env, timeout=timeout, log_dir=log_dir)
+        return cluster.launch(argv, env, timeout=timeout, log_dir=log_dir, watchdog=watchdog)
 
 
 def open_cluster(spec: EmulatedClusterSpec, *, allow_unshaped: bool = False) -> EmulatedCluster | LocalCluster:

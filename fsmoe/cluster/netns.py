@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from fsmoe.cluster.ranks import pid_alive
@@ -174,17 +174,91 @@ def destroy_namespaces(names: Iterable[str]) -> list[str]:
     return errors
 
 
-def cleanup_stale() -> list[str]:
-    """Remove namespaces left by fsmoe.cluster runs whose process is gone (killed with SIGKILL, say).
+def owner_pid(ns: str) -> int | None:
+    """The pid of the process that created our namespace ``ns``; None for a name we did not make."""
+    m = _NAME_RE.match(ns)
+    return None if m is None else int(m.group("pid"))
 
-    A namespace is stale when its name matches ``fsmoe-<pid>-<seq>-...`` and no process ``pid``
-    exists. Namespaces of live runs are left alone (if the pid was reused, the leftover stays until
-    that process ends). Returns the removed names."""
-    stale = [
-        ns for ns in list_namespaces() if (m := _NAME_RE.match(ns)) is not None and not pid_alive(int(m.group("pid")))
-    ]
+
+def stale_namespaces(names: Iterable[str] | None = None) -> list[str]:
+    """Those of ``names`` (default: every ``fsmoe-`` namespace) that fsmoe.cluster made for a run whose
+    process is gone: no process ``pid`` runs, or the one that does started after the namespace was
+    made (the pid was reused). A live run's namespaces are never stale."""
+    names = list_namespaces() if names is None else names
+    return [ns for ns in names if (pid := owner_pid(ns)) is not None and not _owner_running(ns, pid)]
+
+
+def _owner_running(ns: str, pid: int) -> bool:
+    if not pid_alive(pid):
+        return False
+    started, created = _process_started_at(pid), _namespace_created_at(ns)
+    if started is None or created is None:
+        return True  # cannot tell: leave it alone
+    return started <= created + 1.0  # /proc/stat's boot time has whole seconds
+
+
+def _process_started_at(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from ``/proc``; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _namespace_created_at(ns: str) -> float | None:
+    """When namespace ``ns`` was made: the time of its ``/run/netns`` entry (the namespace's own inode)."""
+    try:
+        return os.stat(f"/run/netns/{ns}").st_mtime
+    except OSError:
+        return None
+
+
+def cleanup_stale() -> list[str]:
+    """Remove the namespaces of fsmoe.cluster runs whose process is gone (killed with SIGKILL, say;
+    see :func:`stale_namespaces`), killing anything still running inside them. Returns the names it
+    tried to remove; :func:`cleanup_command` also reports what could not be removed."""
+    stale = stale_namespaces()
     destroy_namespaces(stale)
     return stale
+
+
+def cleanup_command(echo: Callable[[str], None] = print) -> int:
+    """``fsmoe cluster cleanup``: remove what emulated clusters of dead runs left behind (namespaces,
+    their bridge and veths, processes still inside), leave running jobs' clusters alone, and say what
+    was done in a few lines. Returns the exit status: 0, or 1 when something could not be removed."""
+    if shutil.which("ip") is None:
+        echo("fsmoe cluster cleanup: 'ip' (iproute2) is not installed, so no emulated cluster can exist here")
+        return 0
+    names = list_namespaces()
+    stale = stale_namespaces(names)
+    errors = destroy_namespaces(stale)
+    left = sorted(set(stale) & set(list_namespaces()))
+    removed = [ns for ns in stale if ns not in left]
+    if removed:
+        echo(
+            f"fsmoe cluster cleanup: removed {len(removed)} namespace(s) of "
+            f"{_describe_clusters(removed)} left by runs that are gone"
+        )
+    else:
+        echo("fsmoe cluster cleanup: no emulated cluster of a finished run was left behind")
+    live = [ns for ns in names if ns not in stale and owner_pid(ns) is not None]
+    if live:
+        echo(f"  left alone: {len(live)} namespace(s) of {_describe_clusters(live)} of running processes")
+    for error in errors:
+        echo(f"  error: {error}")
+    if left:
+        echo(f"  still there: {', '.join(left)} (run as root?)")
+    return 1 if errors or left else 0
+
+
+def _describe_clusters(names: Sequence[str]) -> str:
+    tags = sorted({ns.rsplit("-", 1)[0] for ns in names})
+    owners = sorted({pid for ns in names if (pid := owner_pid(ns)) is not None})
+    return f"{len(tags)} cluster(s) ({', '.join(tags)}; pid {', '.join(map(str, owners))})"
 
 
 def check_privileges() -> str | None:

@@ -25,10 +25,12 @@ variables the launcher set, calls the function, writes its result and leaves wit
 (DeepSpeed) abort in their C++ teardown at exit.
 
 Supervision (:func:`run_processes`) starts every rank and polls exit statuses: the first non-zero
-status (after half a second in which further deaths may show), or the deadline, stops them all
-(SIGTERM to each rank's own process group, then SIGKILL, then reaping); so does an exception in the
-parent (Ctrl-C). A rank dies with its parent too (``PR_SET_PDEATHSIG``; a forked rank's parent is the
-fork server, which exits with us).
+status (after half a second in which further deaths may show), the deadline, or a :class:`Watchdog`
+that sees a rank make no progress stops them all (SIGTERM and SIGCONT to each rank's own process
+group, so a stopped rank acts on it too, then SIGKILL, then reaping); so does an exception in the
+parent (Ctrl-C). A rank dies with its parent too (``PR_SET_PDEATHSIG``, set before ``exec`` and kept
+through ``ip netns exec``, which execs the rank in place; a forked rank's parent is the fork server,
+which exits with us).
 
 :meth:`RankDir.collect` then turns the folder into the values in rank order, or raises
 :class:`RanksTimedOut` naming the ranks without a result, every rank's last progress and the missing
@@ -67,6 +69,7 @@ TIMEOUT_EXIT_CODE = 124  # as timeout(1)
 _STOP_GRACE_S = 3.0
 _POLL_S = 0.02
 _FAILURE_GRACE_S = 0.5  # after a rank fails, how long other deaths may take to show
+_WATCHDOG_POLL_S = 0.5
 _PR_SET_PDEATHSIG = 1
 _LOG_TAIL_CHARS = 3000
 _MAIN_ALIAS = "__fsmoe_rank_main__"
@@ -497,37 +500,62 @@ def _release_fork_server() -> None:
 # --- supervision ----------------------------------------------------------------------------------
 
 
+class Watchdog(Protocol):
+    """Watches the ranks of one launch for progress while they run (one watchdog per launch), e.g.
+    :class:`fsmoe.train.distributed.HangWatch`, which reads the ranks' heartbeats."""
+
+    def start(self) -> Mapping[str, str]:
+        """Called once, before any rank starts: the variables every rank's environment needs."""
+
+    def check(self) -> str | None:
+        """Polled twice a second while the ranks run: None, or why the job must stop now."""
+
+    def close(self) -> None:
+        """Called once, after the ranks are stopped."""
+
+
 @dataclass(frozen=True)
 class LaunchOutcome:
     """How a run of rank processes ended: ``code`` 0 when every rank exited 0, else the failing rank's
-    exit status (128 + N for signal N) or ``TIMEOUT_EXIT_CODE``. ``healthy_at``: ``time.time()`` when
-    the failing rank was last seen running, so an error another rank wrote before it predates its death."""
+    exit status (128 + N for signal N) or ``TIMEOUT_EXIT_CODE`` (the deadline passed, or the watchdog
+    stopped the job: ``stalled`` is then its message). ``healthy_at``: ``time.time()`` when the failing
+    rank was last seen running, so an error another rank wrote before it predates its death."""
 
     code: int
     failed_rank: int | None = None
     timed_out: bool = False
     seconds: float = 0.0
     healthy_at: float = 0.0
+    stalled: str | None = None
 
 
-def run_processes(start_rank: Callable[[int], RankProcess], world_size: int, timeout: float | None) -> LaunchOutcome:
-    """Start ranks ``0..world_size-1`` with ``start_rank`` and wait until all exit 0, one fails, or
-    ``timeout`` seconds pass; whatever happens (an exception, Ctrl-C included), stop every rank still
-    running before returning."""
+def run_processes(
+    start_rank: Callable[[int], RankProcess],
+    world_size: int,
+    timeout: float | None,
+    watchdog: Watchdog | None = None,
+) -> LaunchOutcome:
+    """Start ranks ``0..world_size-1`` with ``start_rank`` and wait until all exit 0, one fails,
+    ``timeout`` seconds pass, or ``watchdog`` says stop; whatever happens (an exception, Ctrl-C
+    included), stop every rank still running before returning. The caller puts ``watchdog.start()``'s
+    variables in the ranks' environment; this only polls it."""
     start = time.monotonic()
     procs: list[RankProcess] = []
     try:
         for rank in range(world_size):
             procs.append(start_rank(rank))
-        return _watch(procs, start, timeout)
+        return _watch(procs, start, timeout, watchdog)
     finally:
         stop(procs)
 
 
-def _watch(procs: Sequence[RankProcess], start: float, timeout: float | None) -> LaunchOutcome:
+def _watch(
+    procs: Sequence[RankProcess], start: float, timeout: float | None, watchdog: Watchdog | None = None
+) -> LaunchOutcome:
     deadline = None if timeout is None else start + timeout
     alive_at = [time.time()] * len(procs)  # when each rank was last seen running
     dead_at: dict[int, float] = {}  # when each failed rank was first seen dead
+    next_check = time.monotonic() + _WATCHDOG_POLL_S
     while True:
         polled_at = time.time()  # before the poll: a rank seen running below was running at this time
         codes = [p.exit_status() for p in procs]
@@ -549,15 +577,23 @@ def _watch(procs: Sequence[RankProcess], start: float, timeout: float | None) ->
             return LaunchOutcome(code=0, seconds=time.monotonic() - start)
         elif deadline is not None and time.monotonic() > deadline:
             return LaunchOutcome(code=TIMEOUT_EXIT_CODE, timed_out=True, seconds=time.monotonic() - start)
+        elif watchdog is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + _WATCHDOG_POLL_S
+            stalled = watchdog.check()
+            if stalled is not None:
+                return LaunchOutcome(code=TIMEOUT_EXIT_CODE, seconds=time.monotonic() - start, stalled=stalled)
         time.sleep(_POLL_S)
 
 
 def stop(procs: Sequence[RankProcess]) -> None:
-    """SIGTERM the process group of each rank still running, then SIGKILL what is left; reap all."""
+    """SIGTERM (and SIGCONT: a stopped process acts on nothing else) the process group of each rank
+    still running, then SIGKILL what is left; reap all."""
     live = [p for p in procs if p.exit_status() is None]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in live:
             p.send_signal(sig)
+            if sig == signal.SIGTERM:
+                p.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + _STOP_GRACE_S
         for p in live:
             p.wait(max(0.0, deadline - time.monotonic()))

@@ -225,6 +225,9 @@ class ParallelConfig:
     dispatcher: str = opt("a2a", "AlltoAll algorithm", parse=choice_parser("dispatcher", DISPATCHER_NAMES))
     timeout_s: float = opt(300.0, "seconds a collective may wait before the process group gives up",
                            flag="--collective-timeout", parse=float)
+    hang_timeout_s: float | None = opt(120.0, "seconds a rank may go without finishing a step before fsmoe's "
+                                       "launcher stops the job (start-up gets at least 120 s); 'none': no watchdog",
+                                       flag="--hang-timeout", parse=optional_parser(float))
 
     def __post_init__(self) -> None:
         check_choice("dispatcher", self.dispatcher, DISPATCHER_NAMES)
@@ -233,6 +236,8 @@ class ParallelConfig:
             check_at_least(self, 1, "procs_per_node")
         if not self.timeout_s > 0:
             raise ValueError(f"ParallelConfig: timeout_s must be > 0, got {self.timeout_s}")
+        if self.hang_timeout_s is not None and not self.hang_timeout_s > 0:
+            raise ValueError(f"ParallelConfig: hang_timeout_s must be > 0 (or none), got {self.hang_timeout_s}")
         check_layout(world_size=self.nproc, procs_per_node=self.ppn, mp=self.mp, ep=self.ep, esp=self.esp)
 
     @property
@@ -641,6 +646,7 @@ RECIPES: dict[str, Callable[[], JobConfig]] = {
     "train": train_recipe,
     "profile": train_recipe,
     "plan": train_recipe,
+    "cluster cleanup": train_recipe,
     "bench layer": layer_bench_recipe,
     "bench train": train_bench_recipe,
 }

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -188,8 +189,11 @@ class ProcessGroups:
         return len(self.ranks[kind])
 
 
-def build_groups(dims: ParallelDims, *, backend: str | None = None, channels: int = 1) -> ProcessGroups:
-    """Create every group of every kind, ``channels`` times, and keep this rank's.
+def build_groups(dims: ParallelDims, *, backend: str | None = None, channels: int = 1,
+                 timeout: timedelta | None = None) -> ProcessGroups:
+    """Create every group of every kind, ``channels`` times, and keep this rank's. ``timeout`` bounds every
+    collective on them (without it a subgroup takes torch's default — 30 min on gloo — not the default
+    group's, so a stopped peer would block its subgroup's collectives that long).
 
     ``dist.new_group`` is collective over the whole world, so every rank creates every group in the
     same order (channel, then :data:`GROUP_KINDS`, then :meth:`ParallelDims.group_ranks`), including
@@ -210,7 +214,7 @@ def build_groups(dims: ParallelDims, *, backend: str | None = None, channels: in
         mine: dict[str, dist.ProcessGroup] = {}
         for kind in GROUP_KINDS:
             for ranks in dims.group_ranks(kind):
-                pg = dist.new_group(list(ranks), backend=backend)
+                pg = dist.new_group(list(ranks), backend=backend, timeout=timeout)
                 if rank in ranks:
                     mine[kind] = pg
         built.append(MappingProxyType(mine))

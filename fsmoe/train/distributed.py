@@ -57,8 +57,10 @@ from fsmoe.parallel.grad_sync import REPLICA_ATTR
 HEARTBEAT_DIR_ENV = "FSMOE_HEARTBEAT_DIR"  # set by the launcher: where each rank's heartbeat file lives
 LAUNCHER_PID_ENV = "FSMOE_LAUNCHER_PID"  # set by launch(): the rank's parent, which it must die with
 _BEAT = struct.Struct("<qqq")  # pid, last finished step, beats so far
+_PROGRESS = struct.Struct("<qq")  # the last two, rewritten by every beat (the pid is written once)
 _PR_SET_PDEATHSIG = 1
 _WATCH_POLL_S = 0.5
+_FOLDER_PREFIX = "fsmoe-heartbeat-"  # + the launcher's pid: a folder whose launcher is gone is removed
 
 
 # --- the rank side ---------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ class Heartbeat:
     def __init__(self, path: str | Path | None) -> None:
         self.path = None if path is None else Path(path)
         self._beats = 0
+        self._step = 0
         self._map: mmap.mmap | None = None
         if self.path is not None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -96,9 +99,14 @@ class Heartbeat:
         return self._map is not None
 
     def __call__(self, step: int) -> None:
+        self._step = step
         if self._map is not None:
             self._beats += 1
-            _BEAT.pack_into(self._map, 0, os.getpid(), step, self._beats)
+            _PROGRESS.pack_into(self._map, 8, step, self._beats)
+
+    def alive(self) -> None:
+        """Beat the last step again: progress in a phase without steps (evaluation, checkpointing)."""
+        self(self._step)
 
 
 def heartbeat_path(folder: str | Path, rank: int) -> Path:
@@ -190,7 +198,8 @@ class HangWatch:
     def start(self) -> dict[str, str]:
         if self.folder is not None:
             raise RuntimeError("this HangWatch is already watching a launch; use one per launch")
-        self.folder = Path(tempfile.mkdtemp(prefix="fsmoe-heartbeat-"))
+        _remove_stale_folders()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-"))
         self._seen = [None] * self.world_size
         self._changed_at = [time.monotonic()] * self.world_size
         return {HEARTBEAT_DIR_ENV: str(self.folder)}
@@ -246,6 +255,14 @@ class HangWatch:
     def rank_pids(self) -> list[int]:
         """The pids the ranks wrote in their heartbeats (ranks that have not written one are missing)."""
         return [b.pid for b in self.read() if b.pid is not None]
+
+
+def _remove_stale_folders() -> None:
+    """Remove the heartbeat folders of launchers that are gone (killed with SIGKILL: nobody else will)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(_FOLDER_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _read_beat(path: Path) -> tuple[int, int, int] | None:
@@ -312,7 +329,7 @@ def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
     heartbeat(0)
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=par.timeout_s))
-    groups = build_groups(ParallelDims.from_config(par), channels=2)
+    groups = build_groups(ParallelDims.from_config(par), channels=2, timeout=timedelta(seconds=par.timeout_s))
     config_hash_check(config_for_hash)
     return DistContext(dist.get_rank(), dist.get_world_size(), groups, heartbeat)
 

@@ -131,6 +131,8 @@ def evaluate(model: GPTMoE, batches: RankBatches | BatchSampler, iters: int, ctx
     model.eval()
     total = torch.zeros(())
     for _ in range(iters):
+        if ctx is not None:
+            ctx.heartbeat.alive()  # evaluation makes progress too
         x_BL, y_BL = batches.sample()
         out = model(x_BL, y_BL)
         assert out.loss is not None
@@ -364,6 +366,8 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             out = train_step(model, opt, sync, train.sample(), step, cfg, ctx)
+            if ctx is not None:
+                ctx.heartbeat(step)  # the launcher's watchdog: this rank finished `step`
             assert out.loss is not None
             train_seconds += time.perf_counter() - t0
             interval_loss += out.loss.detach()

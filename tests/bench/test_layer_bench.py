@@ -29,6 +29,9 @@ from fsmoe.bench.layer_workload import LayerRankResult, ProbeInfo
 from fsmoe.bench.memory import PeakMemory
 from fsmoe.cli import build_parser, job_from_args
 from fsmoe.config import JobConfig, layer_bench_recipe, load_toml
+from fsmoe.perf.costs import Costs
+from fsmoe.perf.model import layer_work
+from fsmoe.perf.planner import plan_layer
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -168,10 +171,12 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     out, trace = tmp_path / "out", tmp_path / "trace.json"
     job = _quick(**{"cluster.launcher": "local", "parallel.nproc": 2, "parallel.procs_per_node": 2,
                     "parallel.ep": 2, "bench.degrees": (1, 2), "bench.mixed_degrees": ((1, 2),), "run.out": str(out),
-                    "run.trace": str(trace), "bench.timeout_s": 120.0})
+                    "run.trace": str(trace), "bench.timeout_s": 120.0, "plan.profile_cache": str(tmp_path / "cache"),
+                    "plan.profile_budget_s": 2.0})
     payload = run_layer_bench(job)
     printed = capsys.readouterr().out
-    assert "| implementation | median s |" in printed and "Lower bound" in printed
+    assert "| implementation | median s | predicted s | error |" in printed and "Lower bound" in printed
+    assert "fsmoe auto: r_fwd=" in printed and "Model: median |error|" in printed
     data = json.loads((out / "layer.json").read_text())
     assert data == json.loads(json.dumps(payload))  # what was returned is what was written
     assert load_toml(out / "job.toml") == job  # the resolved job, round-tripped
@@ -179,7 +184,20 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     assert data["job"]["parallel"]["ep"] == 2 and data["capacity"] >= 1
 
     rows = {r["name"]: r for r in data["implementations"]}
-    requested = [i.name for i in layer_impls(job)]
+    # the auto row: the planner's degrees on the profiled costs, run like the fsmoe rows
+    auto = data["auto"]
+    want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), Costs.from_dict(data["costs"]),
+                      t_gar=auto["t_gar_s"], max_degree=job.plan.max_degree)
+    assert (auto["r_fwd"], auto["r_bwd"]) == (want.r_fwd, want.r_bwd)
+    assert auto["name"] in rows and rows[auto["name"]]["auto"] is True and auto["name"].startswith("fsmoe auto r=")
+    assert rows[auto["name"]]["note"] == "GAR inside the MoE backward"
+    assert data["profile"]["cache_hit"] is False and data["profile"]["budget_s"] == 2.0
+    assert Path(data["profile"]["cache_path"]).parent == tmp_path / "cache"
+    ours = [r for r in rows.values() if r["family"] != DEEPSPEED]
+    for r in ours:  # every row of ours has its prediction beside its median
+        assert r["predicted_s"] > 0 and r["predicted_error"] == pytest.approx(r["predicted_s"] / r["median_s"] - 1)
+    assert data["model"]["rows"] == len(ours) and data["model"]["median_abs_error"] >= 0
+    requested = [i.name for i in layer_impls(job)] + [auto["name"]]
     for name in requested:  # every implementation has a time, or (DeepSpeed only) a reason it did not run
         if name == DEEPSPEED and name in data["skipped"]:
             assert data["skipped"][name]
@@ -211,6 +229,9 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     assert {e["pid"] for e in events} == {0, 1}
     assert {"forward", "backward"} <= {e["name"] for e in events}
     assert any(e["name"].startswith("expert[") for e in events)  # the pipeline's own tasks
+    predicted = [e for e in events if e["tid"].startswith("predicted:")]  # the model's, beside them
+    assert {"predicted:layer", "predicted:compute", "predicted:inter"} <= {e["tid"] for e in predicted}
+    assert {e["pid"] for e in predicted} == {0, 1}
     assert data["trace_files"] == [str(trace)]
     assert (out / "layer.png").exists() == HAS_MATPLOTLIB
 

@@ -65,20 +65,27 @@ def test_job_refuses_with_the_numbers(changes: dict, message: str) -> None:
 def test_rows_and_layouts() -> None:
     job = _job(**{"bench.schedules": ("sequential", "fsmoe")})
     assert [(i.name, i.layout) for i in train_rows(job)] == [
-        ("sequential", "EP=4 ESP=1"), ("fsmoe r=2", "EP=4 ESP=1"), ("deepspeed", "EP=4 ESP=1")]
+        ("sequential", "EP=4 ESP=1"), ("fsmoe r=2", "EP=4 ESP=1"), ("fsmoe auto", "EP=4 ESP=1"),
+        ("deepspeed", "EP=4 ESP=1")]
     assert tokens_per_step(job) == 16 * 128
     # the model DeepSpeed can mirror: kept top-2 weights renormalised, like its top2gating
     assert bench_model(job).moe.renormalize is True
     rows = train_rows(job)
-    assert [row_job(job, r).schedule.name for r in rows] == ["sequential", "fsmoe", "sequential"]
+    assert [row_job(job, r).schedule.name for r in rows] == ["sequential", "fsmoe", "fsmoe", "sequential"]
+    # the auto row's job is fsmoe with no degrees: planned on the ranks, as fsmoe train plans it
+    assert row_job(job, rows[2]).schedule.planned and not row_job(job, rows[1]).schedule.planned
     assert row_job(job, rows[1]).train.steps == 2 + 10 and row_job(job, rows[1]).train.lr_warmup == 0
     assert row_job(job, rows[1]).model.moe.renormalize is True
     # ESP: our rows keep it; DeepSpeed and one EP-only partner per schedule run EP over the same 4 ranks
     esp = job.with_overrides({"parallel.ep": 2, "parallel.esp": 2})
     assert [(i.name, i.layout) for i in train_rows(esp)] == [
-        ("sequential", "EP=2 ESP=2"), ("fsmoe r=2", "EP=2 ESP=2"), ("sequential (EP=4 only)", "EP=4 ESP=1"),
-        ("fsmoe r=2 (EP=4 only)", "EP=4 ESP=1"), ("deepspeed", "EP=4 ESP=1")]
-    assert [i.name for i in train_rows(esp.with_overrides({"bench.deepspeed": False}))] == ["sequential", "fsmoe r=2"]
+        ("sequential", "EP=2 ESP=2"), ("fsmoe r=2", "EP=2 ESP=2"), ("fsmoe auto", "EP=2 ESP=2"),
+        ("sequential (EP=4 only)", "EP=4 ESP=1"), ("fsmoe r=2 (EP=4 only)", "EP=4 ESP=1"),
+        ("fsmoe auto (EP=4 only)", "EP=4 ESP=1"), ("deepspeed", "EP=4 ESP=1")]
+    assert [i.name for i in train_rows(esp.with_overrides({"bench.deepspeed": False}))] == [
+        "sequential", "fsmoe r=2", "fsmoe auto"]
+    assert [i.name for i in train_rows(job.with_overrides({"bench.schedules": ("sequential", "tutel")}))] == [
+        "sequential", "tutel r=2", "deepspeed"]  # no fsmoe, no auto row
     assert deepspeed_unable(esp) is None
     assert "mp=1" in (deepspeed_unable(job.with_overrides({"parallel.ep": 2, "parallel.mp": 2})) or "")
 
@@ -117,16 +124,40 @@ def test_summary_tokens_per_s_and_ratios_come_from_the_medians() -> None:
     assert p["model"]["preset"] == "tiny" and p["job"]["train"]["batch_size"] == 8
 
 
+def test_predicted_step_only_where_the_plan_predicted_what_the_row_ran() -> None:
+    job = _quick(**{"parallel.nproc": 2, "parallel.procs_per_node": 2, "parallel.ep": 2,
+                    "bench.schedules": ("sequential", "tutel", "fsmoe"), "schedule.r_fwd": 2})
+    names = ["sequential", "tutel r=2", "fsmoe r=2", "fsmoe auto"]
+    samples = {n: [0.2, 0.2, 0.2] for n in names}
+    losses = {n: [5.0, 4.9, 4.8, 4.7] for n in names}
+    predictions = {"sequential": {"step_s": 0.1, "degrees": [[1, 1], [1, 1]], "method": "default"},
+                   "tutel": {"step_s": 0.15, "degrees": [[4, 4], [4, 4]], "method": "default"},  # not r=2
+                   "fsmoe": {"step_s": 0.3, "degrees": [[2, 2], [2, 2]], "method": "step 1"}}  # planned GAR
+    plan = {"schedule": "fsmoe", "step_s": 0.3, "degrees": [[2, 2], [2, 2]], "gar_plan": "", "partition": "step 1",
+            "solve_s": 0.05, "predictions": predictions}
+    results = [TrainRankResult(rank=r, names=names, times=RoundTimes(samples_s=samples), losses=losses,
+                               plans={"fsmoe auto": {"plan": plan, "plan_wall_s": 1.0}}) for r in range(2)]
+    p = summarize_train(job, results, cluster={"description": "test", "shaped": True})
+    rows = {r["name"]: r for r in p["implementations"]}
+    assert rows["fsmoe auto"]["predicted_s"] == 0.3 and rows["fsmoe auto"]["predicted_error"] == pytest.approx(0.5)
+    assert rows["sequential"]["predicted_s"] == 0.1
+    assert rows["tutel r=2"]["predicted_s"] is None  # predicted at r=4
+    assert rows["fsmoe r=2"]["predicted_s"] is None  # same degrees, but the plan's GAR partition, not the default
+    assert p["plans"]["fsmoe auto"]["plan"]["step_s"] == 0.3
+
+
 # --- one quick run on 2 loopback ranks ----------------------------------------------------------------------
 def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     # DeepSpeed rides along where it is installed (its twin's first loss is then checked too)
     job = _quick(**{"cluster.launcher": "local", "parallel.nproc": 2, "parallel.procs_per_node": 2,
                     "parallel.ep": 2, "run.out": str(out), "bench.deepspeed": HAS_DEEPSPEED,
-                    "bench.timeout_s": 180.0})
+                    "bench.timeout_s": 180.0, "plan.profile_cache": str(tmp_path / "cache"),
+                    "plan.profile_budget_s": 2.0})
     payload = run_train_bench(job)
     printed = capsys.readouterr().out
-    assert "| implementation | layout | median step s | tokens/s |" in printed
+    assert "| implementation | layout | median step s | predicted s | error | tokens/s |" in printed
+    assert "fsmoe auto: planned r_fwd/r_bwd per MoE layer" in printed
     data = json.loads((out / "train.json").read_text())
     assert data == json.loads(json.dumps(payload))  # what was returned is what was written
     assert load_toml(out / "job.toml") == job  # the resolved job, round-tripped
@@ -141,6 +172,14 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
         assert r["loss_last"] < r["loss_first"]  # four AdamW steps at lr 3e-3 from ~ln 256 learn something
     # our schedules train the same function: same loss at every step (float summation order aside)
     assert rows["fsmoe r=2"]["losses"] == pytest.approx(rows["sequential"]["losses"], abs=1e-4)
+    assert rows["fsmoe auto"]["losses"] == pytest.approx(rows["sequential"]["losses"], abs=1e-4)
+    # the auto row: planned by the trainer's plan_schedule, its predicted step beside the measured one
+    plan = data["plans"]["fsmoe auto"]["plan"]
+    assert len(plan["degrees"]) == job.model.num_moe_layers and plan["schedule"] == "fsmoe"
+    assert rows["fsmoe auto"]["predicted_s"] == plan["step_s"] > 0
+    assert rows["fsmoe auto"]["predicted_error"] == pytest.approx(plan["step_s"] / rows["fsmoe auto"]["median_s"] - 1)
+    assert rows["sequential"]["predicted_s"] == plan["predictions"]["sequential"]["step_s"]  # r = 1: what it ran
+    assert data["plans"]["fsmoe auto"]["plan_wall_s"] > 0
 
     # oracle: the first step's loss (before any update) equals a single-process model with the same seed
     # on the same global batch, each rank's rows routed as their own group

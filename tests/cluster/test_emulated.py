@@ -3,7 +3,8 @@
 2 nodes x 2 ranks on 200 Mbit/s links: an AlltoAll and a barrier work across namespaces; the
 inter-node AlltoAll is much slower than the intra-node one and no faster than the link; a failing
 rank stops the others at once; and no namespace or interface is left behind after a normal exit,
-a rank failure, a timeout, SIGTERM, Ctrl-C, or (with cleanup_stale) SIGKILL of the launcher.
+a rank failure, a timeout, SIGTERM, Ctrl-C, or SIGKILL of the launcher (its ranks die with it; its
+namespaces go with cleanup_stale, `fsmoe cluster cleanup` or the next cluster's start).
 Skipped, with the reason, where this machine cannot build namespaces."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fsmoe.cluster import (
     EmulatedClusterSpec,
     RankFailed,
     check_privileges,
+    cleanup_command,
     cleanup_stale,
     launch_on_cluster,
     list_namespaces,
@@ -172,14 +174,28 @@ def test_signal_to_the_launcher_removes_everything(sig: signal.Signals) -> None:
     assert not any(pid_alive(p) for p in ranks)
 
 
-def test_sigkilled_launcher_kills_its_ranks_and_cleanup_stale_removes_the_leftovers() -> None:
+@pytest.mark.parametrize("remover", ["cleanup_stale", "cleanup_command", "next_start"])
+def test_sigkilled_launcher_kills_its_ranks_and_its_leftovers_are_removed(
+    remover: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     child, tag, ranks = _start_child()
+    t0 = time.monotonic()
     child.kill()
     child.wait(timeout=10)
     _wait_for(lambda: not any(pid_alive(p) for p in ranks), 10, "the ranks to die with their launcher")
-    assert len(list_namespaces(tag + "-")) == 3  # nobody was left to delete them
-    removed = cleanup_stale()
-    assert {f"{tag}-hub", f"{tag}-n0", f"{tag}-n1"} <= set(removed)
+    assert time.monotonic() - t0 < 2.0
+    leftovers = {f"{tag}-hub", f"{tag}-n0", f"{tag}-n1"}
+    assert set(list_namespaces(tag + "-")) == leftovers  # nobody was left to delete them
+    if remover == "cleanup_stale":
+        assert leftovers <= set(cleanup_stale())
+    elif remover == "cleanup_command":  # `fsmoe cluster cleanup`
+        lines: list[str] = []
+        assert cleanup_command(lines.append) == 0
+        assert tag in lines[0] and f"pid {child.pid}" in lines[0]
+    else:  # the next cluster started on this machine
+        with EmulatedCluster(EmulatedClusterSpec(nodes=1, procs_per_node=1, link="unshaped")):
+            pass
+        assert f"{tag}-hub" in capsys.readouterr().err
     assert not list_namespaces(tag + "-")
 
 
