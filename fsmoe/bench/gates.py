@@ -38,7 +38,7 @@ from torch import Tensor
 
 from fsmoe.bench.harness import Timing, TimingPolicy, not_run, set_threads, time_fn
 from fsmoe.bench.report import Table, env_info, write_json
-from fsmoe.config import GATE_NAMES, ORDER_NAMES, MoEConfig
+from fsmoe.config import GATE_IGNORES, GATE_NAMES, ORDER_NAMES, MoEConfig
 from fsmoe.config.values import check_choice, opt
 from fsmoe.moe.gates import Gate, Routing, build_gate
 from fsmoe.moe.order import Order, build_order
@@ -103,9 +103,11 @@ def quick_gates_config(**overrides: Any) -> GateBenchConfig:
 def moe_config(gate: str, num_experts: int, k: int, cfg: GateBenchConfig) -> MoEConfig:
     """The MoEConfig of one case: position drop policy; gshard renormalised for k ≥ 2 (DeepSpeed's
     top-2 normalisation); SoftMoE with k slots per expert."""
-    return MoEConfig(num_experts=num_experts, top_k=k, gate=gate, capacity_factor=cfg.capacity_factor,
-                     min_capacity=cfg.min_capacity, drop_policy="position", renormalize=gate == "gshard" and k > 1,
-                     softmoe_slots=k)
+    settings = dict(top_k=k, capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
+                    drop_policy="position", renormalize=gate == "gshard" and k > 1)
+    for name in GATE_IGNORES.get(gate, ()):  # what the gate does not use stays at its default (no warning)
+        settings.pop(name, None)
+    return MoEConfig(num_experts=num_experts, gate=gate, softmoe_slots=k, **settings)  # type: ignore[arg-type]
 
 
 def dummy_expert(x_ECD: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ link rates), ``job`` the sections and the job, ``files`` the TOML files.
 from fsmoe.config.files import dump_toml, load_toml, read_toml_overrides
 from fsmoe.config.job import (
     DEFAULT_BENCH_SCHEDULES,
+    GATE_IGNORES,
     MODEL_PRESETS,
     PLANNED_SCHEDULES,
     RECIPES,
@@ -75,6 +76,7 @@ from fsmoe.config.values import (
 
 __all__ = [
     "DEFAULT_BENCH_SCHEDULES",
+    "GATE_IGNORES",
     "DISPATCHER_NAMES",
     "DROP_POLICIES",
     "EXPERT_NAMES",
