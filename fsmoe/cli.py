@@ -125,8 +125,9 @@ def handle_train(job: JobConfig, args: argparse.Namespace) -> int:
         run_train(job)
     except DataError as e:  # a missing, empty or too-short --data file
         raise UsageError(str(e)) from e
-    except TrainingDiverged as e:
-        print(f"fsmoe train: {e}", file=sys.stderr)
+    except TrainingDiverged as e:  # every rank stops at the same step; one of them says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fsmoe train: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
 

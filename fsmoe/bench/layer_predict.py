@@ -147,8 +147,9 @@ def predicted_trace(job: JobConfig, costs: Costs, impl: ImplSpec, measured: Sequ
     gate_f, gate_b = costs.op("gate_fwd")(work.n_gate), costs.op("gate_bwd")(work.n_gate)
     t_fwd, t_bwd = starts["forward"], starts["backward"]
     fwd = play_pass(spec, work, costs, impl.r_fwd, backward=False)
-    gar = gar_time(job, costs) if spec.gar_in_moe and gar_bytes(job) > 0 else None
-    bwd = play_pass(spec, work, costs, impl.r_bwd, backward=True, t_gar=gar)
+    with_gar = spec.gar_in_moe and gar_bytes(job) > 0
+    bwd = play_pass(spec, work, costs, impl.r_bwd, backward=True, t_gar=gar_time(job, costs) if with_gar else None,
+                    t_gar_idle=costs.op("gar")(gar_bytes(job)) if with_gar else None)
 
     def event(name: str, lane: str, start: float, length: float) -> TraceEvent:
         return TraceEvent(name=name, channel=f"predicted:{lane}", start_s=start, end_s=start + length, rank=rank)

@@ -13,13 +13,18 @@ operation, built by a builder that takes the size fractions and a scale); this m
   ends when its last rank does), the line is fitted to the median per size, and a fit with R² below
   ``TARGET_R2`` gets extra rounds while its share lasts. Every branch is taken on all-reduced numbers,
   so all ranks enter the same collectives.
-* :class:`ComputeBeside` runs a point's ``busy`` compute (the matching chunk's expert GEMMs) on a thread,
-  once per sample, started with the collective: the busy variant of a collective's line.
+* :class:`ComputeBeside` runs a point's ``busy`` compute (expert GEMMs) on a thread, once per sample,
+  started with the collective, and times it: the busy variant of a collective's line. The compute may
+  end before the collective does (a chunk's GEMMs beside a longer AlltoAll, a layer's beside the
+  Gradient-AllReduce), so a busy sample is only partly overlapped; :func:`slowdown` turns (busy time,
+  compute time, idle time) into the factor κ by which full overlap stretches the collective, and
+  :func:`contended_line` makes the busy line κ × the idle line, κ the median over the sizes.
 * :func:`fit_linear` is the least squares, with one constraint the models need: α and β are never
   negative (a negative start-up time, or a time that falls with the workload, is noise in the smallest
   points). When the unconstrained fit leaves the feasible set, the best line with the offending
   coefficient at 0 is taken instead (through the origin, or the mean); R² is always that of the returned
-  line, so a constrained fit shows its cost there. :func:`fit_linear` and :func:`r_squared` are pure.
+  line, so a constrained fit shows its cost there. :func:`fit_linear`, :func:`r_squared`, :func:`slowdown`
+  and :func:`contended_line` are pure.
 """
 
 from __future__ import annotations
@@ -79,6 +84,37 @@ def fit_linear(n: Sequence[float], t: Sequence[float]) -> Linear:
     return Linear(alpha_s=alpha, beta_s=beta, r2=r_squared(n, t, alpha, beta))
 
 
+MAX_SLOWDOWN = 10.0  # κ of one size when the collective grew by about as long as the compute beside it ran
+
+
+def slowdown(busy_s: float, beside_s: float, idle_s: float) -> float:
+    """κ ≥ 1: how much slower a collective runs while compute runs beside it on the same cores, from one
+    busy measurement. The collective (``idle_s`` alone) ran ``busy_s`` with ``beside_s`` of compute
+    started with it. If the compute outlasted it, all of it was overlapped: κ = busy / idle. Else it
+    progressed at 1/κ for ``beside_s`` and at full speed after: busy = beside + (idle − beside/κ), so
+    κ = beside / (idle − busy + beside) — at most :data:`MAX_SLOWDOWN` (the denominator is noise-sized
+    when the collective grew by about the compute's length)."""
+    if idle_s <= 0 or busy_s <= 0:
+        return 1.0
+    if beside_s >= busy_s:
+        kappa = busy_s / idle_s
+    else:
+        rest = idle_s - busy_s + beside_s
+        kappa = beside_s / rest if rest > beside_s / MAX_SLOWDOWN else MAX_SLOWDOWN
+    return min(max(kappa, 1.0), MAX_SLOWDOWN)
+
+
+def contended_line(idle: Linear, n: Sequence[float], busy_s: Sequence[float], beside_s: Sequence[float]) -> Linear:
+    """The collective fully overlapped with compute: ``idle`` × κ, κ the median of :func:`slowdown` over
+    the sizes ``n`` (one factor per operation: robust where single busy samples are noisy), R² that of
+    the returned line against each size's fully-overlapped time κ_i·idle(n_i)."""
+    kappas = [slowdown(b, c, idle(x)) for x, b, c in zip(n, busy_s, beside_s, strict=True)]
+    k = statistics.median(kappas)
+    line = idle.scaled(k)
+    return Linear(alpha_s=line.alpha_s, beta_s=line.beta_s,
+                  r2=r_squared(n, [ki * idle(x) for ki, x in zip(kappas, n, strict=True)], line.alpha_s, line.beta_s))
+
+
 # --- the sweep -----------------------------------------------------------------------------------------
 def sweep_sizes(base: int, fractions: Sequence[float], scale: float = 1.0) -> list[int]:
     """Distinct sizes ⌈base·f·scale⌉ ≥ 1; at least three (1, 2, 3, 4 when ``base`` is that small)."""
@@ -121,7 +157,8 @@ def max_all(values: Sequence[float]) -> list[float]:
 
 class ComputeBeside:
     """A thread that runs one point's ``busy`` compute once per sample, started together with the timed
-    collective (:meth:`start`) and awaited after it (:meth:`wait`, untimed): chunk i's expert GEMMs beside
+    collective (:meth:`start`) and awaited after it (:meth:`wait`, untimed; ``last_s`` is how long the
+    compute ran): chunk i's expert GEMMs beside
     chunk i+1's collective, as the pipelined runtime overlaps them (compute on the calling thread,
     collectives on lane threads; torch's GEMMs and gloo both release the GIL). One call per sample, not a
     loop: a compute loop that never pauses keeps every core's run queue full and makes a shaped AlltoAll
@@ -132,6 +169,7 @@ class ComputeBeside:
         self._go, self._done = threading.Event(), threading.Event()
         self._closing = False
         self._error: BaseException | None = None
+        self.last_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="fsmoe-profile-busy", daemon=True)
 
     def _loop(self) -> None:
@@ -141,7 +179,9 @@ class ComputeBeside:
             if self._closing:
                 return
             try:
+                t0 = time.perf_counter()
                 self._work()
+                self.last_s = time.perf_counter() - t0
             except BaseException as e:  # raised again on the calling thread
                 self._error = e
             self._done.set()
@@ -188,7 +228,8 @@ def timed_sample(point: Point, beside: ComputeBeside | None = None) -> tuple[flo
 class Measured:
     """One operation's sweep: sizes, the slowest rank's median seconds per size, rounds, the fitted line,
     the seconds it took (max over ranks) and its largest size over the job's (below 1: scaled down to fit
-    the budget; sizes with a floor, such as one sequence, may not shrink)."""
+    the budget; sizes with a floor, such as one sequence, may not shrink); with compute beside it,
+    ``beside_s`` the median seconds that compute ran per size (the slowest rank's per sample)."""
 
     n: tuple[float, ...]
     median_s: tuple[float, ...]
@@ -196,6 +237,7 @@ class Measured:
     line: Linear
     seconds: float
     scale: float
+    beside_s: tuple[float, ...] | None = None
 
 
 def measure(build: Callable[[Sequence[float], float], list[Point]], share_s: float, barrier_s: float,
@@ -222,6 +264,7 @@ def measure(build: Callable[[Sequence[float], float], list[Point]], share_s: flo
     reps = int(min(max(share_s // max(round_s(points), 1e-9), MIN_REPS), PLANNED_REPS))
     timed_sample(points[-1], beside)  # warm-up at the largest size
     samples: list[list[float]] = [[] for _ in points]
+    beside_samples: list[list[float]] = [[] for _ in points]
     elapsed = 0.0
     rounds = 0
     line = ZERO
@@ -236,18 +279,22 @@ def measure(build: Callable[[Sequence[float], float], list[Point]], share_s: flo
     # then more while the fit is poor and the share lasts
     while (rounds < reps and (rounds < 2 or next_round_fits(2 * share_s))) or (
             line.r2 is not None and line.r2 < TARGET_R2 and rounds < MAX_REPS and next_round_fits(share_s)):
-        dts = [0.0] * len(points)
+        dts, cts = [0.0] * len(points), [0.0] * len(points)
         for k in range(len(points)):
             i = (k + rounds) % len(points)  # rotated order: a disturbance hits different sizes each round
             dts[i] = timed_sample(points[i], beside)[1]
-        *dts, elapsed = max_all([*dts, time.perf_counter() - t_start])
-        for i, dt in enumerate(dts):
+            cts[i] = beside.last_s if beside is not None else 0.0
+        *both, elapsed = max_all([*dts, *cts, time.perf_counter() - t_start])
+        dts, cts = both[:len(points)], both[len(points):]
+        for i, (dt, ct) in enumerate(zip(dts, cts, strict=True)):
             samples[i].append(dt)
+            beside_samples[i].append(ct)
         rounds += 1
         if rounds >= min(reps, 2):
             line = fit()
     return Measured(n=tuple(p.n for p in points), median_s=tuple(statistics.median(s) for s in samples),
-                    reps=rounds, line=line, seconds=elapsed, scale=points[-1].n / n_full)
+                    reps=rounds, line=line, seconds=elapsed, scale=points[-1].n / n_full,
+                    beside_s=tuple(statistics.median(s) for s in beside_samples) if beside is not None else None)
 
 
 def barrier_seconds() -> float:

@@ -22,14 +22,27 @@ Three layers, each usable alone:
   a task starting when its lane is free and its dependencies are done. :func:`play_pass` feeds it the
   modelled durations of one pass of one layer.
 
-Which collectives use the *busy* lines (measured under concurrent compute, :meth:`Costs.op`): those
-that overlap expert compute. With r = 1 nothing overlaps (the block runs one task at a time), so every
-collective is idle. With r > 1 every chunk's collectives overlap some other chunk's expert except the
-pipeline's fill and drain: the first-half collectives (dispatch, gather; backward: combine_bwd,
-reduce_bwd) of chunk 0, which run before any expert starts, and the second-half ones (reduce, combine;
-backward: gather_bwd, dispatch_bwd) of chunk r−1, which run after the last expert ends. A
-Gradient-AllReduce slice inside the block (``gar``) always overlaps the experts (busy). The closed forms
-describe the pipelined steady state and take the busy lines (:meth:`PassModel.of`, ``busy=True``).
+Contention (:func:`play_contended`): a collective that overlaps expert compute on the same rank is
+slower (on CPU ranks that share cores, 1.4–2.5×; :mod:`fsmoe.perf.profile` measures both lines — idle,
+and *busy*: fully overlapped). How much of a task overlaps depends on the schedule and the degree, so the
+evaluator finds it by playing: all collectives at their idle lines first; then each communication task
+of each chunk gets t = t_idle + f·(t_busy − t_idle), f the share of its span that overlaps a compute task
+of the same rank in the last play; replayed until no duration moves by more than
+:data:`CONTENTION_TOL` of the makespan, at most :data:`CONTENTION_PLAYS` plays. With r = 1 no chunk's
+collective overlaps (f = 0: the idle lines); the pipeline's fill (chunk 0's first-half
+collectives) and drain (chunk r−1's second half) come out idle, the steady state busy. Convergence: each
+duration stays in [t_idle, t_busy]. Plain iteration of d ↦ t_idle + f(d)·(t_busy − t_idle) oscillates
+(a collective that sticks out of compute overlaps a smaller share the longer it gets), so each update
+solves that equation for the task against the last play's compute spans, with its overlap extended
+linearly from its current end (:func:`contended_duration`): exact while the end stays on the same piece
+(inside a compute task, or past it), so the durations settle once the tasks' ends stop crossing compute
+edges — and the compute tasks move only through dependencies. The cap keeps the planner's cost bounded
+(then the last play is kept; ``Timeline.plays`` says how many ran). The closed forms describe the
+pipelined steady state and take the busy lines (:meth:`PassModel.of`, ``busy=True``; fill and drain
+included); where busy = idle the evaluator and the closed forms agree in each pure regime.
+
+A Gradient-AllReduce slice inside the block (``gar``) takes the time the caller gives (``t_gar``); with
+``t_gar_idle`` as well it is contended like the other collectives (``t_gar`` then is its busy time).
 """
 
 from __future__ import annotations
@@ -356,6 +369,7 @@ class Timeline:
 
     makespan_s: float
     spans: tuple[TaskSpan, ...]
+    plays: int = 1  # how many plays :func:`play_contended` needed (1: a plain :func:`play`)
 
     def span(self, kind: str, chunk: int = 0) -> TaskSpan:
         for s in self.spans:
@@ -405,8 +419,10 @@ KIND_OP: dict[str, tuple[str, bool]] = {
 
 
 def uses_busy_line(kind: str, chunk: int, r: int) -> bool:
-    """Whether a collective overlaps expert compute (module docstring): never at r = 1; at r > 1 all but
-    the first-half collectives of chunk 0 and the second-half ones of chunk r−1; ``gar`` always."""
+    """Whether a collective overlaps expert compute in the pipelined steady state: never at r = 1; at
+    r > 1 all but the first-half collectives of chunk 0 and the second-half ones of chunk r−1; ``gar``
+    always. (The evaluator finds the overlap by playing instead, :func:`play_contended`; this is the
+    rule its result reduces to when every overlapping task overlaps fully.)"""
     if kind == "gar":
         return True
     if r == 1:
@@ -415,9 +431,11 @@ def uses_busy_line(kind: str, chunk: int, r: int) -> bool:
     return chunk > 0 if first_half else chunk < r - 1
 
 
-def pass_durations(work: LayerWork, costs: Costs, r: int, *, t_gar: float = 0.0) -> Callable[[Task], float]:
-    """Modelled duration of each task of one pass of ``work`` at degree ``r`` (Eq. 1 per chunk, the busy
-    line where :func:`uses_busy_line`); ``gar`` takes ``t_gar``."""
+def pass_durations(work: LayerWork, costs: Costs, r: int, *, t_gar: float = 0.0,
+                   busy: bool = False) -> Callable[[Task], float]:
+    """Modelled duration of each task of one pass of ``work`` at degree ``r`` (Eq. 1 per chunk): the
+    collectives' idle lines, or with ``busy`` their lines fully overlapped with compute; ``gar`` takes
+    ``t_gar``."""
     n = {"a2a": work.n_a2a, "ag": work.n_ag, "rs": work.n_rs, "expert_fwd": work.n_exp, "expert_bwd": work.n_exp}
 
     def duration(task: Task) -> float:
@@ -426,9 +444,77 @@ def pass_durations(work: LayerWork, costs: Costs, r: int, *, t_gar: float = 0.0)
         op = KIND_OP[task.kind][0]
         if n[op] == 0:  # a size-1 group: the collective returns its input
             return 0.0
-        return costs.op(op, busy=uses_busy_line(task.kind, task.chunk, r)).chunk(n[op], r)
+        return costs.op(op, busy=busy).chunk(n[op], r)
 
     return duration
+
+
+CONTENTION_PLAYS = 4  # at most this many plays of one task list (the first at the idle lines)
+CONTENTION_TOL = 1e-3  # of the makespan: durations that move less have settled
+
+
+def _overlap(span: TaskSpan, compute: Sequence[tuple[float, float]]) -> tuple[float, bool]:
+    """(seconds of ``span`` that overlap the compute spans, whether its end lies strictly inside one)."""
+    covered = math.fsum(max(0.0, min(span.end_s, b) - max(span.start_s, a)) for a, b in compute)
+    return covered, any(a < span.end_s < b for a, b in compute)
+
+
+def overlap_fractions(timeline: Timeline) -> dict[tuple[str, int], float]:
+    """For each communication task of ``timeline``: the share of its span that overlaps a compute task
+    (compute spans never overlap each other: one compute lane). 0 for a task of zero length."""
+    compute = [(s.start_s, s.end_s) for s in timeline.spans if s.lane == "compute"]
+    out = {}
+    for s in timeline.spans:
+        if s.lane != "compute":
+            length = s.end_s - s.start_s
+            out[(s.kind, s.chunk)] = min(_overlap(s, compute)[0] / length, 1.0) if length > 0 else 0.0
+    return out
+
+
+def contended_duration(lo: float, hi: float, d: float, covered: float, end_inside: bool) -> float:
+    """The duration x = lo + (overlap(x) / x)·(hi − lo) of a collective that lasted ``d`` with ``covered``
+    seconds beside compute, solved with its overlap extended linearly from there: overlap(x) = covered +
+    (x − d) when its end lies inside a compute task (``end_inside``), else ``covered``. Exact as long as
+    the end stays on the same piece; the larger root of x² − (lo + k·m)·x − k·(covered − m·d) = 0
+    (k = hi − lo, m = 1 or 0), within [lo, hi]."""
+    k = hi - lo
+    if k <= 0 or d <= 0:
+        return lo
+    m = 1.0 if end_inside else 0.0
+    b, c = lo + k * m, k * (covered - m * d)
+    disc = b * b + 4 * c
+    x = (b + math.sqrt(disc)) / 2 if disc >= 0 else lo + covered / d * k
+    return min(max(x, lo), hi)
+
+
+def play_contended(tasks: Sequence[Task], lanes: Mapping[str, str], idle: Callable[[Task], float],
+                   busy: Callable[[Task], float], *, free_at_s: Mapping[str, float] | None = None,
+                   max_plays: int = CONTENTION_PLAYS) -> Timeline:
+    """:func:`play` with contention (module doc): compute tasks take ``idle(task)``; each communication
+    task, after a play, the duration x = idle + (overlap(x) / x)·(busy − idle) solved against that play's
+    compute spans (:func:`contended_duration`; all idle in the first play). Replays until no duration
+    moves by more than :data:`CONTENTION_TOL` of the makespan, or ``max_plays``; the last play, with
+    ``plays`` set."""
+    if max_plays < 1:
+        raise ValueError(f"play_contended: max_plays must be >= 1, got {max_plays}")
+    lo = {t.key: idle(t) for t in tasks}
+    hi = {t.key: (busy(t) if t.channel != "compute" else lo[t.key]) for t in tasks}
+    durations = dict(lo)
+    timeline = play(tasks, lanes, lambda t: durations[t.key], free_at_s=free_at_s)
+    plays = 1
+    while plays < max_plays:
+        compute = [(sp.start_s, sp.end_s) for sp in timeline.spans if sp.lane == "compute"]
+        new = dict(durations)
+        for sp in timeline.spans:
+            if sp.lane != "compute":
+                key = (sp.kind, sp.chunk)
+                new[key] = contended_duration(lo[key], hi[key], sp.end_s - sp.start_s, *_overlap(sp, compute))
+        if max((abs(new[k] - durations[k]) for k in lo), default=0.0) <= CONTENTION_TOL * timeline.makespan_s:
+            break
+        durations = new
+        timeline = play(tasks, lanes, lambda t, d=new: d[t.key], free_at_s=free_at_s)
+        plays += 1
+    return replace(timeline, plays=plays)
 
 
 @functools.lru_cache(maxsize=256)
@@ -438,20 +524,29 @@ def pass_tasks(spec: ScheduleSpec, r: int, *, backward: bool, with_gar: bool = F
 
 
 def play_pass(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int, *, backward: bool,
-              t_gar: float | None = None, free_at_s: Mapping[str, float] | None = None) -> Timeline:
+              t_gar: float | None = None, t_gar_idle: float | None = None,
+              free_at_s: Mapping[str, float] | None = None) -> Timeline:
     """One pass of one MoE block of ``work`` (pad it first: :meth:`LayerWork.padded`) under ``spec`` at
-    degree ``r``, played by :func:`play`; backward with ``t_gar`` (not None) runs the schedule's
-    Gradient-AllReduce slice (``spec.gar_in_moe``) for that long. ``sequential`` is the r = 1 case."""
+    degree ``r``, played with contention (:func:`play_contended`); backward with ``t_gar`` (not None)
+    runs the schedule's Gradient-AllReduce slice (``spec.gar_in_moe``) for that long — or, with
+    ``t_gar_idle``, between that (overlapped) and ``t_gar_idle`` (alone) by its overlap with the experts.
+    ``sequential`` is the r = 1 case."""
     tasks = pass_tasks(spec, r, backward=backward, with_gar=backward and t_gar is not None)
-    return play(tasks, lanes_for(spec), pass_durations(work, costs, r, t_gar=t_gar or 0.0), free_at_s=free_at_s)
+    gar_busy = t_gar or 0.0
+    gar_idle = gar_busy if t_gar_idle is None else t_gar_idle
+    return play_contended(tasks, lanes_for(spec), pass_durations(work, costs, r, t_gar=gar_idle),
+                          pass_durations(work, costs, r, t_gar=gar_busy, busy=True), free_at_s=free_at_s)
 
 
 @dataclass(kw_only=True, frozen=True)
 class GarResponse:
-    """A backward pass's makespan as a function of its Gradient-AllReduce slice: the played schedule is a
-    max-plus system (every start is a max of sums of durations), so makespan(t_gar) = max(A, B + t_gar)
-    exactly, with A the longest path avoiding ``gar`` and B the longest path through it less its
-    duration. ``window_s`` = max(A − B, 0) is the slice that fits for free (t_olp,moe, §5.2, measured on
+    """A backward pass's makespan as a function of its Gradient-AllReduce slice: with fixed durations the
+    played schedule is a max-plus system (every start is a max of sums of durations), so makespan(t_gar)
+    = max(A, B + t_gar) exactly, with A the longest path avoiding ``gar`` and B the longest path through
+    it less its duration. With contention (:func:`play_contended`) the durations of the collectives
+    queued behind ``gar`` depend on where it ends: A is played without it and B with a long one (the
+    tasks behind it then run after the experts, idle), so the response is exact at both ends and an
+    approximation in between. ``window_s`` = max(A − B, 0) is the slice that fits for free (t_olp,moe, §5.2, measured on
     the played schedule). A block without a GAR slot has B = −∞ and no window."""
 
     a_s: float
@@ -528,9 +623,10 @@ def layer_table(spec: ScheduleSpec, work: LayerWork, costs: Costs,
 
 
 __all__ = [
-    "BlockWork", "CASE_CLAUSES", "CASE_WORDS", "ChunkTimes", "FP32_BYTES", "GarResponse", "LayerTable", "LayerWork",
-    "ONE_CHANNEL_WORDS", "PassModel", "Predicates", "TaskSpan", "Timeline", "block_work", "case_of", "case_time",
-    "closed_form", "degree_pairs", "degrees_up_to", "gar_response", "layer_table", "layer_work", "padded_for",
-    "pass_durations", "pass_tasks", "play", "play_pass", "predicate_margins", "predicates", "tokens_per_rank",
-    "uses_busy_line", "window",
+    "BlockWork", "CASE_CLAUSES", "CASE_WORDS", "CONTENTION_PLAYS", "CONTENTION_TOL", "ChunkTimes", "FP32_BYTES",
+    "GarResponse", "LayerTable", "LayerWork", "ONE_CHANNEL_WORDS", "PassModel", "Predicates", "TaskSpan", "Timeline",
+    "block_work", "case_of", "case_time", "closed_form", "contended_duration", "degree_pairs", "degrees_up_to",
+    "gar_response", "layer_table", "layer_work", "overlap_fractions", "padded_for", "pass_durations", "pass_tasks",
+    "play", "play_contended", "play_pass", "predicate_margins", "predicates", "tokens_per_rank", "uses_busy_line",
+    "window",
 ]

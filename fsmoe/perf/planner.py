@@ -41,7 +41,6 @@ from fsmoe.perf.model import (
     closed_form,
     degree_pairs,
     degrees_up_to,
-    gar_response,
     layer_table,
     layer_work,
     padded_for,
@@ -230,7 +229,8 @@ def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar
 class LayerPrediction:
     """One MoE layer's forward + backward as the layer benchmark times it: gate, Order and I-Order
     around the block, and a Gradient-AllReduce of ``gar_bytes`` inside the backward (schedules with a
-    GAR slot, busy line) or after it (the others, idle line, exposed)."""
+    GAR slot; between its busy and idle lines by its overlap with the experts) or after it (the others,
+    idle line, exposed)."""
 
     fwd_s: float
     bwd_s: float
@@ -249,12 +249,13 @@ def predict_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, r_fwd
     w = padded_for(work, r_fwd, r_bwd)
     gate_f, gate_b = costs.op("gate_fwd")(w.n_gate), costs.op("gate_bwd")(w.n_gate)
     fwd = gate_f + play_pass(spec, w, costs, r_fwd, backward=False).makespan_s
-    response = gar_response(spec, w, costs, r_bwd)
-    if spec.gar_in_moe:
-        t_gar = costs.op("gar", busy=True)(gar_bytes) if gar_bytes > 0 else 0.0
-        return LayerPrediction(fwd_s=fwd, bwd_s=gate_b + response(t_gar), gar_after_s=0.0)
-    after = costs.op("gar")(gar_bytes) if gar_bytes > 0 else 0.0
-    return LayerPrediction(fwd_s=fwd, bwd_s=gate_b + response.a_s, gar_after_s=after)
+    if spec.gar_in_moe and gar_bytes > 0:  # contended by its overlap with the experts (fsmoe.perf.model)
+        bwd = play_pass(spec, w, costs, r_bwd, backward=True, t_gar=costs.op("gar", busy=True)(gar_bytes),
+                        t_gar_idle=costs.op("gar")(gar_bytes))
+        return LayerPrediction(fwd_s=fwd, bwd_s=gate_b + bwd.makespan_s, gar_after_s=0.0)
+    after = costs.op("gar")(gar_bytes) if gar_bytes > 0 and not spec.gar_in_moe else 0.0
+    bwd = play_pass(spec, w, costs, r_bwd, backward=True)
+    return LayerPrediction(fwd_s=fwd, bwd_s=gate_b + bwd.makespan_s, gar_after_s=after)
 
 
 # --- the job ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ ag / rs    ``gather_shards`` / ``reduce_shards`` (ESP group,    the gathered byt
 gar        all-reduce of a flat buffer on the dense-DP group    bytes; 1/8 … 1 of the dense gradient of a step
            of channel 1 (the second set of communicators)
 expert_fwd ``experts.forward_saving`` on (e, S·W·c, D)           MACs of the chunk, E·c·D·H·G; c = C/8 … C
-expert_bwd ``experts.backward_saved`` on what that saved        the same n (its GEMMs are twice the forward's)
+expert_bwd ``experts.backward_saved`` on what a fresh forward    the same n (its GEMMs are twice the forward's)
+           saved (untimed, before each call: as in training)
 gate_fwd   gate → Order → I-Order on T' tokens, autograd on     T'·D·E (E·slots for SoftMoE); T' = T/8 … T
 gate_bwd   backward through that path (and the aux loss)        the same n
 dense_fwd  LayerNorm → attention (+ residual) → LayerNorm, the  this rank's tokens·D², tokens = b·L/N_MP for
@@ -28,10 +29,15 @@ dense_bwd  backward through that                                the same n
 
 Each point's time is the slowest rank's (a collective ends when its last rank does; compute on the
 ranks runs side by side, as in training), the median over rounds (:func:`fsmoe.perf.fit.measure`).
-Collectives are measured twice: idle, and while a thread on every rank runs the expert GEMMs of the
-matching chunk, as the pipelined runtime overlaps them (compute on the calling thread, collectives on lane
-threads) → ``Costs.busy``. On this machine the overlapped AlltoAll is 1.4–2.5× its idle time: softirq and
-TCP work compete with the GEMMs for the same cores.
+Collectives are measured twice: idle, and while a thread on every rank runs expert GEMMs (the forward
+of the matching chunk; a whole layer's beside the Gradient-AllReduce), as the pipelined runtime overlaps
+them (compute on the calling thread, collectives on lane threads). The GEMMs may end before the
+collective does (a chunk's GEMMs beside a long AlltoAll; any beside a large all-reduce), so the busy time
+is that of a partly overlapped collective: with the idle line and the compute's own time per sample,
+:func:`fsmoe.perf.fit.contended_line` turns it into ``Costs.busy`` — the collective *fully* overlapped,
+κ × the idle line, which is what :func:`fsmoe.perf.model.play_contended` scales by each task's overlap.
+On this machine an overlapped AlltoAll is 1.4–2.5× its idle time: softirq and TCP work compete with the
+GEMMs for the same cores.
 
 Bounded: ``budget_s`` (default 30 s) is split evenly over the measurements still to run, and each one
 fits itself into its share (fewer repetitions, then fewer sizes, then smaller sizes, noted in
@@ -82,8 +88,10 @@ from fsmoe.perf.fit import (
     Point,
     barrier,
     barrier_seconds,
+    contended_line,
     max_all,
     measure,
+    slowdown,
     sweep_sizes,
     world_size,
 )
@@ -94,7 +102,7 @@ __all__ = [
 ]
 
 BUDGET_S = 30.0
-PROFILE_FORMAT = 1  # bump when what is measured changes: older cache entries stop matching
+PROFILE_FORMAT = 2  # bump when what is measured changes: older cache entries stop matching
 GAR_CHANNEL = 1  # the second set of communicators (build_groups(channels=2)); channel 0 carries the MoE block
 BYTES = 4  # float32
 
@@ -263,12 +271,21 @@ class _Workloads:
         return [Point(n=self.sizes.expert_macs(c), run=self._compute(c)) for c in self.chunks(fractions, scale)]
 
     def expert_bwd(self, fractions: Sequence[float], scale: float) -> list[Point]:
+        """The backward on what a fresh forward saved (``prepare``), as the block runs it: not the same
+        saved activations, warm in cache, call after call."""
         pts = []
         for c in self.chunks(fractions, scale):
-            y, saved = self.experts.forward_saving(self._expert_input(c))
-            dy = torch.randn_like(y)
-            pts.append(Point(n=self.sizes.expert_macs(c),
-                              run=lambda dy=dy, saved=saved: self.experts.backward_saved(dy, saved)))
+            x = self._expert_input(c)
+            dy = torch.randn(x.shape[0], x.shape[1], self.sizes.d_model)
+            held: list[tuple[Tensor, ...]] = []
+
+            def prepare(x: Tensor = x, held: list[tuple[Tensor, ...]] = held) -> None:
+                held.append(self.experts.forward_saving(x)[1])
+
+            def run(dy: Tensor = dy, held: list[tuple[Tensor, ...]] = held) -> object:
+                return self.experts.backward_saved(dy, held.pop())
+
+            pts.append(Point(n=self.sizes.expert_macs(c), run=run, prepare=prepare))
         return pts
 
     def _gate_path(self, x_TD: Tensor) -> list[Tensor]:
@@ -365,8 +382,9 @@ def profile_job(job: JobConfig, groups: ProcessGroups | None, rank: int, *, toke
 
     ``meta``: ``sizes`` (:class:`JobSizes`), ``n_job`` (each operation's n for the whole layer, r = 1:
     the n the models divide by r), ``points`` (per measurement, ``*_busy`` included: sizes, median
-    seconds, rounds), ``skipped`` (operation → why its line is zero), ``scaled`` (measurements whose
-    sizes were shrunk to fit the budget), ``groups`` (which groups and channels were timed),
+    seconds, rounds; busy ones also the compute's median seconds beside it and each size's slowdown κ),
+    ``skipped`` (operation → why its line is zero), ``scaled`` (measurements whose sizes were shrunk to
+    fit the budget), ``groups`` (which groups and channels were timed),
     ``profiled_at``, ``host``, ``wall_s``, ``budget_s``, ``threads``, ``format``."""
     if not budget_s > 0:
         raise ValueError(f"profile_job: budget_s must be > 0, got {budget_s}")
@@ -401,14 +419,21 @@ def profile_job(job: JobConfig, groups: ProcessGroups | None, rank: int, *, toke
             if busy:
                 with ComputeBeside() as beside:
                     m = measure(getattr(work, op), share, barrier_s, beside)
+                assert m.beside_s is not None
+                busy_lines[op] = contended_line(lines[op], m.n, m.median_s, m.beside_s)
             else:
                 m = measure(getattr(work, op), share, barrier_s)
+                lines[op] = m.line
             spent += m.seconds
-            (busy_lines if busy else lines)[op] = m.line
             points[name] = {"n": list(m.n), "median_s": list(m.median_s), "reps": m.reps}
+            if m.beside_s is not None:
+                points[name]["beside_s"] = list(m.beside_s)
+                points[name]["slowdown"] = [slowdown(b, c, lines[op](x)) for x, b, c in
+                                            zip(m.n, m.median_s, m.beside_s, strict=True)]
             if m.scale < 1:
                 scaled[name] = m.scale
-            say(_progress_line(name, m, spent, budget_s, lines.get(op) if busy else None))
+            say(_progress_line(name, busy_lines[op] if busy else m.line, m, spent, budget_s,
+                               lines.get(op) if busy else None))
     wall, stamp = max_all([time.perf_counter() - t0, time.time()])  # the same on every rank
     say(f"[profile] done in {wall:.1f} s")
     return Costs(ops={op: lines[op] for op in COLLECTIVES + COMPUTE}, busy=busy_lines, meta={
@@ -446,8 +471,8 @@ def _fmt_beta(op: str, beta_s: float) -> str:
     return f"{beta_s * 1e9:.3g} ns/B" if op in COLLECTIVES else f"{beta_s * 1e12:.3g} ps"
 
 
-def _progress_line(name: str, m: Measured, spent: float, budget: float, idle: Linear | None) -> str:
-    op, ln = name.removesuffix("_busy"), m.line
+def _progress_line(name: str, ln: Linear, m: Measured, spent: float, budget: float, idle: Linear | None) -> str:
+    op = name.removesuffix("_busy")
     text = (f"[profile] {name:<10} {len(m.n)} sizes {_fmt_n(op, m.n[0])}..{_fmt_n(op, m.n[-1])} x{m.reps}: "
             f"α {ln.alpha_s * 1e6:.0f} µs, β {_fmt_beta(op, ln.beta_s)}, R² {ln.r2:.3f}")
     if idle is not None and idle(m.n[-1]) > 0:

@@ -20,11 +20,14 @@ from fsmoe.perf.model import (
     case_of,
     case_time,
     closed_form,
+    contended_duration,
     gar_response,
     layer_work,
+    overlap_fractions,
     pass_durations,
     pass_tasks,
     play,
+    play_contended,
     play_pass,
     predicates,
     tokens_per_rank,
@@ -244,16 +247,87 @@ def test_gar_window_equals_the_case_table_in_its_pure_regime() -> None:
     assert gar_response(get_schedule("tutel"), WORK, costs, 4).window_s == 0.0  # no GAR slot in the block
 
 
-def test_busy_lines_only_for_collectives_that_overlap_experts() -> None:
+def test_pass_durations_idle_and_busy_lines() -> None:
     costs = costs_for(a2a=8, ag=1, exp_fwd=1, busy_a2a=16)
-    dur = pass_durations(WORK, costs, 4)
-    by = {(t.kind, t.chunk): dur(t) for t in pass_tasks(FSMOE, 4, backward=False)}
-    assert by[("dispatch", 0)] == 2 and by[("dispatch", 1)] == 4 and by[("dispatch", 3)] == 4
-    assert by[("combine", 0)] == 4 and by[("combine", 3)] == 2
-    seq = pass_durations(WORK, costs, 1)
-    assert all(seq(t) == 8 for t in pass_tasks(SEQ, 1, backward=True) if t.kind.startswith(("combine", "dispatch")))
+    idle, busy = pass_durations(WORK, costs, 4), pass_durations(WORK, costs, 4, busy=True)
+    tasks = pass_tasks(FSMOE, 4, backward=False)
+    assert {idle(t) for t in tasks if t.kind in ("dispatch", "combine")} == {2.0}
+    assert {busy(t) for t in tasks if t.kind in ("dispatch", "combine")} == {4.0}
+    assert {busy(t) for t in tasks if t.kind == "gather"} == {0.25}  # no busy AllGather line: as idle
     gar = [t for t in backward_tasks(FSMOE, 1, True) if t.kind == "gar"]
-    assert pass_durations(WORK, costs, 1, t_gar=3.0)(gar[0]) == 3.0
+    assert pass_durations(WORK, costs, 1, t_gar=3.0, busy=True)(gar[0]) == 3.0
+
+
+# Two chunks by hand: dispatch[i] on the inter lane (idle 2 s, busy 4 s), expert[i] (3 s) after it.
+TWO_CHUNKS = [Task(kind="dispatch", chunk=0, channel="inter"),
+              Task(kind="expert", chunk=0, channel="compute", deps=(("dispatch", 0),)),
+              Task(kind="dispatch", chunk=1, channel="inter"),
+              Task(kind="expert", chunk=1, channel="compute", deps=(("dispatch", 1),))]
+
+
+def two_chunks(max_plays: int):
+    lanes = {"inter": "inter"}
+    idle = {"dispatch": 2.0, "expert": 3.0}
+    busy = {"dispatch": 4.0, "expert": 3.0}
+    return play_contended(TWO_CHUNKS, lanes, lambda t: idle[t.kind], lambda t: busy[t.kind], max_plays=max_plays)
+
+
+@pytest.mark.parametrize(("max_plays", "dispatch1_s"), [
+    (1, 2.0),  # idle: dispatch[1] on [2, 4] ends inside expert[0] on [2, 5]: x² − 4x = 0 -> 4 (busy)
+    (2, 4.0),  # [2, 6] sticks out of expert[0] by 1 s (expert[1] waits for it): x = 2 + 2·3/x -> 1 + √7
+    (3, 1 + 7**0.5),  # the same piece again: settled
+])
+def test_contention_two_chunks_by_hand(max_plays: int, dispatch1_s: float) -> None:
+    played = two_chunks(max_plays)
+    assert played.plays == max_plays
+    d0, d1 = played.span("dispatch", 0), played.span("dispatch", 1)
+    assert (d0.start_s, d0.end_s) == (0.0, 2.0)  # the pipeline's fill never overlaps compute: idle
+    assert d1.end_s - d1.start_s == pytest.approx(dispatch1_s, rel=REL)
+    assert played.makespan_s == pytest.approx(max(5.0, 2.0 + dispatch1_s) + 3.0, rel=REL)
+
+
+def test_contention_settles_at_the_fixed_point() -> None:
+    """d = 2 + 2·3/d (dispatch[1] sticks out of expert[0]): d = 1 + √7, found in three plays."""
+    played = two_chunks(60)
+    assert played.plays == 3
+    d1 = played.span("dispatch", 1)
+    assert d1.end_s - d1.start_s == pytest.approx(1 + 7**0.5, rel=REL)
+    assert overlap_fractions(played) == {("dispatch", 0): 0.0, ("dispatch", 1): pytest.approx(3 / (1 + 7**0.5))}
+
+
+def test_contended_duration_by_hand() -> None:
+    assert contended_duration(2.0, 4.0, 2.0, 2.0, True) == 4.0  # inside compute and stays so: busy
+    assert contended_duration(2.0, 4.0, 4.0, 3.0, False) == pytest.approx(1 + 7**0.5)
+    assert contended_duration(2.0, 4.0, 3.0, 0.0, False) == 2.0  # no overlap: idle
+    assert contended_duration(2.0, 2.0, 3.0, 3.0, True) == 2.0  # busy = idle
+    assert contended_duration(1.0, 2.0, 1.0, 0.5, True) == pytest.approx(1 + 0.5**0.5)  # x² − 2x + 0.5 = 0
+
+
+def test_contention_in_the_pipelined_block() -> None:
+    """r = 1 plays the idle lines once; at r = 4 (compute bound: every expert 2 s, AlltoAll chunks 0.25 s
+    idle, 0.5 busy) the fill and drain are idle and the steady-state AlltoAlls, inside the experts, busy."""
+    costs = costs_for(a2a=1, ag=0.5, exp_fwd=8, busy_a2a=2)
+    seq = play_pass(SEQ, WORK, costs, 1, backward=False)
+    assert seq.plays == 1 and seq.makespan_s == pytest.approx(1 + 0.5 + 8 + 0.5 + 1, rel=REL)
+    played = play_pass(FSMOE, WORK, costs, 4, backward=False)
+    lengths = played.predicted_s()
+    assert lengths["dispatch[0]"] == pytest.approx(0.25) and lengths["combine[3]"] == pytest.approx(0.25)
+    assert 0.25 < lengths["dispatch[1]"] < 0.5  # starts before expert[0] (gather[0] first): partly
+    assert all(lengths[f"dispatch[{i}]"] == pytest.approx(0.5) for i in (2, 3))
+    assert all(lengths[f"combine[{i}]"] == pytest.approx(0.5) for i in (0, 1, 2))
+    assert played.makespan_s == pytest.approx(0.25 + 0.125 + 8 + 0.125 + 0.25, rel=REL)
+
+
+def test_gar_slice_contended_between_its_lines() -> None:
+    """A GAR slice with an idle time is played between its idle and busy times by its overlap."""
+    costs = costs_for(a2a=1, ag=0.5, exp_fwd=4)  # backward experts: 8 s in all
+    inside = play_pass(FSMOE, WORK, costs, 4, backward=True, t_gar=2.0, t_gar_idle=1.0)
+    assert inside.predicted_s()["gar[0]"] == pytest.approx(2.0)  # wholly beside the experts: busy
+    # r = 1: gar on [1, 1 + d] after combine_bwd[0], the expert on [1.5, 9.5]: d = 1 + (d − 0.5)/d,
+    # d = 1 + √0.5, found by the second play and confirmed by the third
+    partly = play_pass(FSMOE, WORK, costs, 1, backward=True, t_gar=2.0, t_gar_idle=1.0)
+    assert partly.plays == 2
+    assert partly.predicted_s()["gar[0]"] == pytest.approx(1 + 0.5**0.5, rel=REL)
 
 
 def test_the_evaluator_plays_the_schedules_own_task_lists() -> None:

@@ -280,8 +280,9 @@ def test_predict_layer_places_the_gar_as_the_schedule_does() -> None:
     fs = predict_layer("fsmoe", WORK, costs, 4, 2, gar_bytes=gar_bytes)
     t_gar = costs.op("gar", busy=True)(gar_bytes)
     assert fs.fwd_s == pytest.approx(gate[0] + play_pass(get_schedule("fsmoe"), w, costs, 4, backward=False).makespan_s)
-    assert fs.bwd_s == pytest.approx(gate[1] + play_pass(get_schedule("fsmoe"), w, costs, 2, backward=True,
-                                                          t_gar=t_gar).makespan_s)
+    bwd = play_pass(get_schedule("fsmoe"), w, costs, 2, backward=True, t_gar=t_gar,
+                    t_gar_idle=costs.op("gar")(gar_bytes))
+    assert fs.bwd_s == pytest.approx(gate[1] + bwd.makespan_s)
     assert fs.gar_after_s == 0.0
     tu = predict_layer("tutel", WORK, costs, 4, 4, gar_bytes=gar_bytes)
     assert tu.gar_after_s == pytest.approx(costs.op("gar")(gar_bytes))
