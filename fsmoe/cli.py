@@ -344,5 +344,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(cmd.handler(job, args))
     except UsageError as e:
         parser.exit(2, f"fsmoe {cmd.recipe}: error: {e}\n")
-    except KeyboardInterrupt:  # the launchers have stopped their ranks by now
-        parser.exit(130, f"fsmoe {cmd.recipe}: interrupted\n")
+    except KeyboardInterrupt:  # the launchers have stopped their ranks by now; a launched rank stays quiet
+        parser.exit(130, "" if "RANK" in os.environ else f"fsmoe {cmd.recipe}: interrupted\n")

@@ -374,6 +374,7 @@ def launch(argv: Sequence[str], nproc: int, module: str = "fsmoe", *, hang_timeo
 
     The ranks die with this process (:func:`die_with_launcher`, in :func:`setup`). ``hang_timeout_s``:
     stop the job when a rank's heartbeat stands still that long (see the module doc); None: no watchdog."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -405,6 +406,9 @@ def launch(argv: Sequence[str], nproc: int, module: str = "fsmoe", *, hang_timeo
         if not stalled.is_set():
             print(f"fsmoe: a rank failed, all ranks were stopped:\n{err.format_msg()}", file=sys.stderr, flush=True)
         return 1
+    except SignalException as err:  # Ctrl-C or SIGTERM: torch's agent has stopped the ranks; say so in one line
+        print(f"fsmoe: interrupted (signal {err.sigval}); all ranks were stopped", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
     finally:
         done.set()
         if watcher is not None:

@@ -242,7 +242,8 @@ def run_train(job: JobConfig) -> TrainResult:
     try:
         return _train(job, corpus, ctx)
     except BaseException as e:  # the run directory says that this run did not finish, and why
-        mark_run(job, ctx, "failed", error=f"{type(e).__name__}: {e}")
+        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        mark_run(job, ctx, state, error=f"{type(e).__name__}: {e}".rstrip(": "))
         raise
     finally:
         teardown()
@@ -278,7 +279,8 @@ def prepare_run_dir(job: JobConfig) -> None:
 
 
 def mark_run(job: JobConfig, ctx: DistContext | None, state: str, **extra: object) -> None:
-    """``<out>/status.json``: ``running`` from the start, then ``finished`` or ``failed`` (with the error);
+    """``<out>/status.json``: ``running`` from the start, then ``finished``, ``failed`` (with the error) or
+    ``interrupted``;
     written by the main rank only, once the run directory exists."""
     out_dir = Path(job.run.out)
     if (ctx is None or ctx.is_main) and out_dir.is_dir():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,16 @@ import torch.distributed as dist
 from fsmoe.config import ClusterConfig, JobConfig, MoEConfig, ParallelConfig, RunConfig
 from fsmoe.perf import profile as prof
 from fsmoe.perf.costs import COLLECTIVES, COMPUTE, Costs, Linear
-from fsmoe.perf.fit import FEW_FRACTIONS, FRACTIONS, fit_linear, r_squared, sweep_sizes
+from fsmoe.perf.fit import (
+    FEW_FRACTIONS,
+    FRACTIONS,
+    MAX_SLOWDOWN,
+    contended_line,
+    fit_linear,
+    r_squared,
+    slowdown,
+    sweep_sizes,
+)
 from fsmoe.perf.profile import format_costs, job_sizes, load_or_profile, profile_job, profile_key, run_profile
 from tests.dist_utils import run_cases
 
@@ -76,6 +86,23 @@ def test_r_squared_of_a_given_line():
 
 
 # ---- sizes ---------------------------------------------------------------------------------------------------
+def test_slowdown_by_hand():
+    assert slowdown(busy_s=3.0, beside_s=5.0, idle_s=2.0) == 1.5  # compute outlasted it: all overlapped
+    # 2 s alone, 3 s with 2 s of compute beside: 2/κ done in those 2 s, the other 2 − 2/κ = 1 s after -> κ = 2
+    assert slowdown(busy_s=3.0, beside_s=2.0, idle_s=2.0) == pytest.approx(2.0)
+    assert slowdown(busy_s=4.0, beside_s=2.0, idle_s=2.0) == MAX_SLOWDOWN  # grew by all of the compute
+    assert slowdown(busy_s=1.8, beside_s=1.0, idle_s=2.0) == 1.0  # faster than alone: noise, no slowdown
+    assert slowdown(busy_s=1.0, beside_s=1.0, idle_s=0.0) == 1.0
+
+
+def test_contended_line_is_the_idle_line_times_the_median_slowdown():
+    idle = Linear(alpha_s=1.0, beta_s=1.0)  # 2, 3, 5 s at n = 1, 2, 4
+    busy = contended_line(idle, [1, 2, 4], busy_s=[3.0, 4.5, 7.0], beside_s=[5.0, 3.0, 1.0])
+    # κ: 3/2 (covered), 3/(3 − 4.5 + 3) = 2, 1/(5 − 7 + 1) < 0 -> MAX_SLOWDOWN; median 2
+    assert (busy.alpha_s, busy.beta_s) == (2.0, 2.0)
+    assert busy.r2 == pytest.approx(r_squared([1, 2, 4], [3.0, 6.0, 5 * MAX_SLOWDOWN], 2.0, 2.0))
+
+
 def test_sweep_sizes_are_the_chunks_of_r_1_to_8():
     assert sweep_sizes(320, FRACTIONS) == [40, 80, 120, 160, 240, 320]
     assert sweep_sizes(320, FEW_FRACTIONS) == [40, 80, 160, 320]  # r = 8, 4, 2, 1
@@ -251,6 +278,9 @@ def test_profile_fits_the_alltoall(outcomes):
     # E·c·D·4 bytes for the chunks c = C/8 … C of C = 2048
     assert costs.meta["points"]["a2a"]["n"] == [2 * c * 384 * 4 for c in (256, 512, 768, 1024, 1536, 2048)]
     assert "a2a" in costs.busy and costs.busy["a2a"].r2 is not None
+    kappa = statistics.median(costs.meta["points"]["a2a_busy"]["slowdown"])  # busy = κ × idle
+    assert costs.busy["a2a"].beta_s == pytest.approx(kappa * costs.ops["a2a"].beta_s)
+    assert len(costs.meta["points"]["a2a_busy"]["beside_s"]) == len(costs.meta["points"]["a2a_busy"]["n"])
     assert costs.meta["skipped"]["ag"].startswith("ESP = 1")
     assert costs.meta["skipped"]["gar"].startswith("not measured")
     assert costs.ops["gar"] == costs.ops["expert_fwd"] == Linear(alpha_s=0.0, beta_s=0.0)

@@ -5,6 +5,11 @@ or holds a previous run, a gradient plan that does not parse, data that does not
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -100,3 +105,27 @@ def test_binary_data_is_warned_about_and_short_data_refused(tmp_path: Path) -> N
         short = tmp_path / "short.txt"
         short.write_text("0123456789")
         check_data(DataConfig(path=str(short)), seq_len=32)
+
+
+def test_ctrl_c_stops_every_rank_in_one_line(tmp_path: Path) -> None:
+    """SIGINT to the job's process group (what Ctrl-C sends) while 2 ranks train: exit 130, one fsmoe line,
+    no traceback, no rank left, the run marked interrupted."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "fsmoe", "train", "--nproc", "2", "--ep", "2", "--steps", "100000", "--batch-size",
+            "4", "--data-bytes", "200000", "--log-every", "1", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in text and text.count("fsmoe: interrupted") == 1
+    assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
+    assert subprocess.run(["pgrep", "-f", f"--out {out}"], capture_output=True).stdout == b""
