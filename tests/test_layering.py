@@ -33,6 +33,7 @@ ALLOWED = {
     "parallel": {"config", "moe", "schedule"},
     "models": {"config", "moe"},
     "perf": {"cluster", "config", "models", "moe", "parallel", "schedule"},
+    "sim": {"config", "models", "moe", "parallel", "perf", "schedule"},
     "cluster": {"config", "parallel"},
     "train": {"config", "models", "moe", "parallel", "perf", "schedule"},
     "bench": {"cluster", "config", "models", "moe", "parallel", "perf", "schedule", "train"},
