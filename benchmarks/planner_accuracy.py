@@ -29,14 +29,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script from a checkout: make `fsmoe` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsmoe.bench.planner import (  # noqa: E402
-    DEFAULT_CASES,
-    QUICK_CASES,
-    QUICK_SETTINGS,
-    AccuracySettings,
-    run_planner_accuracy,
-    show_planner_accuracy,
-)
+from fsmoe.bench import planner as accuracy  # noqa: E402
 from fsmoe.bench.report import REPO_ROOT  # noqa: E402
 
 
@@ -57,13 +50,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.show:
-        print(show_planner_accuracy(args.show))
+        print(accuracy.show_planner_accuracy(args.show))
         return {}
-    settings = QUICK_SETTINGS if args.quick else AccuracySettings()
+    settings = accuracy.QUICK_SETTINGS if args.quick else accuracy.AccuracySettings()
     settings = dataclasses.replace(settings, out=str(REPO_ROOT / "bench_results" / Path(settings.out).name))
-    cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    cases = accuracy.QUICK_CASES if args.quick else accuracy.DEFAULT_CASES
     if args.cases:
-        known = {c.name: c for c in (*DEFAULT_CASES, *QUICK_CASES)}
+        known = {c.name: c for c in (*accuracy.DEFAULT_CASES, *accuracy.QUICK_CASES)}
         missing = [n for n in args.cases if n not in known]
         if missing:
             sys.exit(f"unknown configurations {missing}; choose from {', '.join(known)}")
@@ -72,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "profile_cache": args.profile_cache, "out": args.out}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None},
                                    reprofile=args.reprofile or settings.reprofile)
-    return run_planner_accuracy(cases, settings)
+    return accuracy.run_planner_accuracy(cases, settings)
 
 
 if __name__ == "__main__":

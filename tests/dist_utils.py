@@ -12,6 +12,7 @@ pass, and returns one :class:`CaseOutcome` per case for pytest to check one by o
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,3 +87,14 @@ def run_cases(
         )
         for i, name in enumerate(names)
     }
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.02) -> float:
+    """Wait until ``cond()`` holds; return when (``time.monotonic()``). ``AssertionError`` naming ``what``
+    after ``timeout`` seconds, so a test that waits on another process never hangs."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll_s)
+    return time.monotonic()

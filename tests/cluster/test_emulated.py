@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from fsmoe.cluster import (
 from fsmoe.cluster.linkcheck import LinkTiming, measure_links
 from fsmoe.cluster.netns import namespace_pids
 from fsmoe.cluster.ranks import pid_alive
+from tests.dist_utils import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 _REASON = check_privileges()
@@ -51,14 +51,6 @@ def _our_namespaces() -> list[str]:
 def _root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _alltoall_then_links(rank: int, world_size: int, procs_per_node: int) -> dict:
@@ -160,7 +152,7 @@ def _start_child() -> tuple[subprocess.Popen[str], str, list[int]]:
     tag = child.stdout.readline().strip()
     assert tag.startswith("fsmoe-"), f"child did not start a cluster (printed {tag!r})"
     nodes = [f"{tag}-n0", f"{tag}-n1"]
-    _wait_for(lambda: all(namespace_pids(ns) for ns in nodes), 10, "the ranks to start")
+    wait_for(lambda: all(namespace_pids(ns) for ns in nodes), 10, "the ranks to start")
     return child, tag, [p for ns in nodes for p in namespace_pids(ns)]
 
 
@@ -182,7 +174,7 @@ def test_sigkilled_launcher_kills_its_ranks_and_its_leftovers_are_removed(
     t0 = time.monotonic()
     child.kill()
     child.wait(timeout=10)
-    _wait_for(lambda: not any(pid_alive(p) for p in ranks), 10, "the ranks to die with their launcher")
+    wait_for(lambda: not any(pid_alive(p) for p in ranks), 10, "the ranks to die with their launcher")
     assert time.monotonic() - t0 < 2.0
     leftovers = {f"{tag}-hub", f"{tag}-n0", f"{tag}-n1"}
     assert set(list_namespaces(tag + "-")) == leftovers  # nobody was left to delete them

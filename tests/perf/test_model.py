@@ -15,7 +15,6 @@ from fsmoe.parallel.parallelize import apply_pipeline
 from fsmoe.perf.costs import Costs, Linear
 from fsmoe.perf.model import (
     ChunkTimes,
-    LayerWork,
     PassModel,
     case_of,
     case_time,
@@ -36,14 +35,10 @@ from fsmoe.perf.model import (
 from fsmoe.schedule.ir import Task
 from fsmoe.schedule.runtime import Runtime
 from fsmoe.schedule.schedules import backward_tasks, lanes_for
+from tests.perf.cases import REL, WORK
 
-REL = 1e-9
 FSMOE, NO_IIO, SEQ = get_schedule("fsmoe"), get_schedule("fsmoe_no_iio"), get_schedule("sequential")
 
-# W = 2, S = 2, E = 4, C = 32, D = 8, H = 16, FFN: n_a2a = 4·32·8·4 = 4096 B, n_ag = n_rs = 8192 B,
-# n_exp = 2·4·32·8·16 = 32768 MACs.
-WORK = LayerWork(tokens=64, d_model=8, d_hidden=16, num_experts=4, ep=2, esp=2, gemms=2, gate_width=4,
-                 capacity_gate=32)
 
 
 def L(alpha: float, beta: float) -> Linear:

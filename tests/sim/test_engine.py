@@ -20,12 +20,9 @@ from fsmoe.sim.engine import (
     play_batch,
     schedule_layer,
 )
+from tests.perf.cases import REL, WORK
 
-REL = 1e-9
 FSMOE, NO_IIO, TUTEL = get_schedule("fsmoe"), get_schedule("fsmoe_no_iio"), get_schedule("tutel")
-# W = 2, S = 2, E = 4, C = 32, D = 8, H = 16, FFN: n_a2a = 4096 B, n_ag = n_rs = 8192 B, n_exp = 32768 MACs.
-WORK = LayerWork(tokens=64, d_model=8, d_hidden=16, num_experts=4, ep=2, esp=2, gemms=2, gate_width=4,
-                 capacity_gate=32)
 
 
 def batch_of(work: LayerWork, rows: int = 1, grad_bytes: float = 0.0) -> LayerBatch:

@@ -30,21 +30,12 @@ from fsmoe.train.distributed import (
     heartbeat_path,
     launch,
 )
+from tests.dist_utils import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 HANG_S = 3.0
 SLACK_S = 5.0  # the watchdog polls twice a second; killing and reaping take well under a second
 HELPER = "tests.train.hanging_rank"
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait until ``cond()``; return when (``time.monotonic()``)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic()
 
 
 def _pids(folder: Path, world: int) -> list[int] | None:
@@ -223,13 +214,13 @@ def test_ranks_die_with_their_killed_launcher(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(lambda: _pids(tmp_path, 2) is not None, 60, "both ranks to start")
+        wait_for(lambda: _pids(tmp_path, 2) is not None, 60, "both ranks to start")
         pids = _pids(tmp_path, 2)
         assert pids is not None and all(pid_alive(p) for p in pids)
         t0 = time.monotonic()
         launcher.kill()
         launcher.wait(timeout=10)
-        gone = _wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the ranks to die with their launcher")
+        gone = wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the ranks to die with their launcher")
         assert gone - t0 < 2.0
         # its heartbeat folder is left behind; the next watch removes it
         left = list(Path(tempfile.gettempdir()).glob(f"fsmoe-heartbeat-{launcher.pid}-*"))
