@@ -1,5 +1,5 @@
 """The ``fsmoe`` command: a thin layer that parses flags into one :class:`~fsmoe.config.JobConfig` and calls
-the typed functions (``run_train``, ``run_layer_bench``, ``run_train_bench``).
+the typed functions (``run_train``, ``run_profile``, ``plan_job``, ``run_layer_bench``, ``run_train_bench``).
 
 Only this module reads ``sys.argv`` (and, for a rank started by torchrun, ``WORLD_SIZE``). Every flag is
 declared by the config itself (:func:`fsmoe.config.flag_specs`): a command names the config sections it
@@ -12,6 +12,7 @@ simulate, ...) adds one :class:`Command` to :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -202,40 +203,14 @@ def handle_bench(run: Callable[[JobConfig], Any]) -> Callable[[JobConfig, argpar
     return handle
 
 
-def _layer_bench(job: JobConfig) -> Any:
-    from fsmoe.bench.layer import run_layer_bench
+def _lazy(path: str) -> Callable[..., Any]:
+    """``module.function``, imported when first called: ``fsmoe --help`` and a refused flag stay fast."""
+    module, _, name = path.rpartition(".")
 
-    return run_layer_bench(job)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
-
-def _train_bench(job: JobConfig) -> Any:
-    from fsmoe.bench.train import run_train_bench
-
-    return run_train_bench(job)
-
-
-def _quick_layer(job: JobConfig) -> JobConfig:
-    from fsmoe.bench.layer import quick_layer_job
-
-    return quick_layer_job(job)
-
-
-def _quick_train(job: JobConfig) -> JobConfig:
-    from fsmoe.bench.train import quick_train_job
-
-    return quick_train_job(job)
-
-
-def _check_layer(job: JobConfig) -> None:
-    from fsmoe.bench.layer import check_layer_job
-
-    check_layer_job(job)
-
-
-def _check_train(job: JobConfig) -> None:
-    from fsmoe.bench.train import check_train_job
-
-    check_train_job(job)
+    return call
 
 
 # --- the commands ---------------------------------------------------------------------------------------------
@@ -291,16 +266,20 @@ COMMANDS: tuple[Command, ...] = (
             "with DeepSpeed-MoE beside them, interleaved round by round on an emulated cluster; report medians, ratios "
             "to the fastest fsmoe schedule and to the per-channel lower bound, and peak memory. Results, chart and the "
             "resolved job.toml go to --out.",
-            ("model", "moe", "parallel", "plan", "run", "cluster", "bench"), handle_bench(_layer_bench),
-            quick=_quick_layer, quick_help="small sizes, 2 rounds: checks that everything runs (about half a minute)",
-            check=_check_layer),
+            ("model", "moe", "parallel", "plan", "run", "cluster", "bench"),
+            handle_bench(_lazy("fsmoe.bench.layer.run_layer_bench")),
+            quick=_lazy("fsmoe.bench.layer.quick_layer_job"),
+            quick_help="small sizes, 2 rounds: checks that everything runs (about half a minute)",
+            check=_lazy("fsmoe.bench.layer.check_layer_job")),
     Command(("bench", "train"), "training tokens/s of the GPT-MoE: fsmoe vs the same model with DeepSpeed's MoE layer",
             "Train the GPT-MoE with fsmoe's schedules (exactly as `fsmoe train` does) and the same model with "
             "DeepSpeed-MoE's layer (same weights, gate rule, capacity and batches), one optimizer step each per round, "
             "interleaved on an emulated cluster; report the median step time, tokens/s, the ratio to DeepSpeed, and "
             "the losses. The pipelined rows use --r-fwd/--r-bwd.",
-            (*TRAIN_SECTIONS, "bench"), handle_bench(_train_bench),
-            quick=_quick_train, quick_help="short sequences, small batch, 1+3 steps", check=_check_train),
+            (*TRAIN_SECTIONS, "bench"),
+            handle_bench(_lazy("fsmoe.bench.train.run_train_bench")),
+            quick=_lazy("fsmoe.bench.train.quick_train_job"), quick_help="short sequences, small batch, 1+3 steps",
+            check=_lazy("fsmoe.bench.train.check_train_job")),
 )
 
 
