@@ -25,6 +25,12 @@ from fsmoe.config import (
 SPECS = {s.key: s for s in flag_specs()}
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolving a train job checks its --out (default runs/default, relative): keep that off the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _parse(cmd_words: tuple[str, ...], *argv: str):  # noqa: ANN202
     return build_parser().parse_args([*cmd_words, *argv])
 

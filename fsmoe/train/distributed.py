@@ -355,8 +355,12 @@ def global_grad_norm(model: nn.Module, world: int, groups: ProcessGroups | None)
     return sq.sqrt()
 
 
-def clip_grads_(model: nn.Module, max_norm: float, world: int, groups: ProcessGroups | None) -> float:
-    norm = global_grad_norm(model, world, groups)
+def clip_grads_(model: nn.Module, max_norm: float, world: int, groups: ProcessGroups | None,
+                norm: torch.Tensor | None = None) -> float:
+    """Scale the gradients so that their global norm is at most ``max_norm``; returns the norm before.
+    ``norm``: the :func:`global_grad_norm` already computed this step (saves its pass and all-reduce)."""
+    if norm is None:
+        norm = global_grad_norm(model, world, groups)
     scale = max_norm / (float(norm) + 1e-6)
     if scale < 1.0:
         for p in model.parameters():

@@ -223,9 +223,10 @@ def train_step(
     loss.backward()
     sync.sync()
     world, groups = (1, None) if ctx is None else (ctx.world, ctx.groups)
-    check_finite(global_grad_norm(model, world, groups), out, step)
+    norm = global_grad_norm(model, world, groups)
+    check_finite(norm, out, step)
     if cfg.grad_clip is not None:
-        clip_grads_(model, cfg.grad_clip, world, groups)
+        clip_grads_(model, cfg.grad_clip, world, groups, norm=norm)
     opt.step()
     return out
 

@@ -122,8 +122,10 @@ def test_cli_reports_a_bad_data_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_model_overrides() -> None:
+def test_cli_model_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fsmoe.cli import COMMANDS, build_parser, job_from_args
+
+    monkeypatch.chdir(tmp_path)  # the train command checks its default --out (runs/default) under the cwd
 
     def job(*argv: str) -> JobConfig:
         return job_from_args(build_parser().parse_args(["train", *argv]), COMMANDS[0])
