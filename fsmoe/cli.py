@@ -189,6 +189,10 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON (for machines)")
 
 
+def _run_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of `fsmoe train` (finished or still going)")
+
+
 # --- bench ----------------------------------------------------------------------------------------------------
 def handle_bench(run: Callable[[JobConfig], Any]) -> Callable[[JobConfig, argparse.Namespace], int]:
     def handle(job: JobConfig, args: argparse.Namespace) -> int:
@@ -235,6 +239,8 @@ class Command:
         return " ".join(self.words)
 
 
+SIM_SECTIONS = ("model", "moe", "sim", "run")
+
 GROUP_HELP = {"bench": "side-by-side benchmarks on the emulated multi-node cluster",
               "cluster": "the emulated cluster: housekeeping"}
 TRAIN_SECTIONS = ("model", "moe", "parallel", "schedule", "plan", "train", "data", "run", "cluster")
@@ -280,6 +286,21 @@ COMMANDS: tuple[Command, ...] = (
             handle_bench(_lazy("fsmoe.bench.train.run_train_bench")),
             quick=_lazy("fsmoe.bench.train.quick_train_job"), quick_help="short sequences, small batch, 1+3 steps",
             check=_lazy("fsmoe.bench.train.check_train_job")),
+    Command(("simulate",), "predict every schedule's iteration time on a described cluster (no GPU needed)",
+            "Play the schedules' own task lists for a whole model on a described cluster (a preset such as the "
+            "paper's Testbed-A/B or DGX-H100, or this machine's profile) with alpha-beta costs: per-schedule "
+            "iteration time, breakdown by task kind, speedups and the planner's degrees per layer; --trace writes "
+            "the simulated timeline as a Chrome trace (Perfetto).",
+            SIM_SECTIONS, _lazy("fsmoe.sim.commands.handle_simulate")),
+    Command(("reproduce",), "the paper's experiments, simulated, beside the paper's numbers (markdown + plots)",
+            "Simulate the paper's experiments (Tables 2, 5, 6; Figs. 6, 7; the forward/backward degree count; a "
+            "scale study) and write a report to --out that puts each paper result beside ours with the difference.",
+            SIM_SECTIONS, _lazy("fsmoe.sim.commands.handle_reproduce")),
+    Command(("report",), "loss curves, expert-load heat map and a summary of a training run",
+            "Read RUN_DIR (metrics.jsonl, job.toml, summary.json; the run may still be going) and write "
+            "RUN_DIR/report/: loss curves (train and validation) and the per-layer expert-load heat map as PNG, "
+            "and a markdown summary.",
+            (), _lazy("fsmoe.train.report.handle_report"), extra=_run_dir_arg),
 )
 
 

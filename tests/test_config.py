@@ -12,6 +12,7 @@ import pytest
 
 from fsmoe.cli import COMMANDS, build_parser, job_from_args, main
 from fsmoe.config import (
+    MAX_CPU_PARAMS,
     RECIPES,
     SECTIONS,
     JobConfig,
@@ -20,6 +21,7 @@ from fsmoe.config import (
     flag_specs,
     get_value,
     load_toml,
+    model_preset,
 )
 
 SPECS = {s.key: s for s in flag_specs()}
@@ -31,8 +33,11 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+POSITIONAL = {("report",): ["runs/x"]}  # what a command needs besides its flags
+
+
 def _parse(cmd_words: tuple[str, ...], *argv: str):  # noqa: ANN202
-    return build_parser().parse_args([*cmd_words, *argv])
+    return build_parser().parse_args([*cmd_words, *POSITIONAL.get(cmd_words, []), *argv])
 
 
 def _flags(cmd_words: tuple[str, ...]) -> dict[str, str]:
@@ -88,8 +93,9 @@ def test_shared_flags_mean_the_same_in_every_command() -> None:
 
 
 def test_defaults_are_the_recipes_and_the_recipes_differ_only_where_documented() -> None:
-    """Without flags a command runs its recipe; ``fsmoe train``'s recipe is the declared defaults, and the
-    benchmarks change only the layout, launcher, output, threads and their own workload sizes."""
+    """Without flags a command runs its recipe; ``fsmoe train``'s recipe is the declared defaults, the
+    benchmarks change only the layout, launcher, output, threads and their own workload sizes, and the
+    simulator's commands only the model preset (a paper model) and the output."""
     base = JobConfig()
     for cmd in COMMANDS:
         job = job_from_args(_parse(cmd.words), cmd)
@@ -100,7 +106,11 @@ def test_defaults_are_the_recipes_and_the_recipes_differ_only_where_documented()
                "schedule.name", "schedule.r_fwd", "schedule.r_bwd", "model.d_model", "moe.d_hidden",
                "moe.capacity_factor", "data.max_bytes"}
     for name, recipe in RECIPES.items():
-        changed = {k for k in SPECS if get_value(recipe(), k) != get_value(base, k)}
+        job = recipe()
+        changed = {k for k in SPECS if get_value(job, k) != get_value(base, k)}
+        if name in ("simulate", "reproduce"):
+            assert job.model == model_preset(job.model.name) and job.model.name != base.model.name
+            changed = {k for k in changed if k.partition(".")[0] not in ("model", "moe")}
         assert changed <= allowed, (name, changed - allowed)
 
 
@@ -137,6 +147,10 @@ def test_toml_round_trip(tmp_path: Path, make, monkeypatch: pytest.MonkeyPatch) 
     assert load_toml(path) == job
     for cmd in COMMANDS:  # --config FILE resolves to the same job in every command that reads all of it
         if set(cmd.sections) >= {"model", "moe", "parallel", "schedule", "train", "data", "run", "cluster"}:
+            if job.model.estimated_params() > MAX_CPU_PARAMS:  # a paper-sized model: simulated, never trained here
+                with pytest.raises(ValueError, match="B parameters, more than"):
+                    job_from_args(_parse(cmd.words, "--config", str(path)), cmd)
+                continue
             assert job_from_args(_parse(cmd.words, "--config", str(path)), cmd) == job
 
 

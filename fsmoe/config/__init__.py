@@ -3,7 +3,7 @@
 Legend: T tokens, D model dim (the paper's M), H expert hidden, E experts, K top-k, C capacity.
 
 :class:`JobConfig` composes one ``@dataclass(kw_only=True, frozen=True)`` per concern — ``model`` (with
-its ``moe`` layers), ``parallel``, ``schedule``, ``plan``, ``train``, ``data``, ``run``, ``cluster``, ``bench`` —
+its ``moe`` layers), ``parallel``, ``schedule``, ``plan``, ``train``, ``data``, ``run``, ``cluster``, ``bench``, ``sim`` —
 and each section validates its own fields in ``__post_init__``; rules that tie sections together
 (E divisible by EP, H by ESP, heads and sequence by MP) are checked once, in
 :meth:`JobConfig.__post_init__`, and those of a training job (the batch splits over the dense
@@ -25,6 +25,7 @@ from fsmoe.config.files import dump_toml, load_toml, read_toml_overrides
 from fsmoe.config.job import (
     DEFAULT_BENCH_SCHEDULES,
     GATE_IGNORES,
+    MAX_CPU_PARAMS,
     MODEL_PRESETS,
     PLANNED_SCHEDULES,
     RECIPES,
@@ -40,6 +41,7 @@ from fsmoe.config.job import (
     PlanConfig,
     RunConfig,
     ScheduleConfig,
+    SimConfig,
     TrainConfig,
     all_keys,
     check_layout,
@@ -49,6 +51,10 @@ from fsmoe.config.job import (
     gpt2_moe_small,
     gpt2_moe_tiny,
     layer_bench_recipe,
+    mixtral_8x7b,
+    mixtral_8x22b,
+    mixtral_tiny,
+    gpt2_xl_moe,
     model_preset,
     train_bench_recipe,
     train_recipe,
@@ -83,6 +89,7 @@ __all__ = [
     "GATE_NAMES",
     "LAUNCHERS",
     "MODEL_NAMES",
+    "MAX_CPU_PARAMS",
     "MODEL_PRESETS",
     "NOISY_GATES",
     "ORDER_NAMES",
@@ -101,6 +108,7 @@ __all__ = [
     "ParallelConfig",
     "PlanConfig",
     "RunConfig",
+    "SimConfig",
     "ScheduleConfig",
     "ScheduleSpec",
     "TrainConfig",
@@ -117,6 +125,10 @@ __all__ = [
     "gpt2_moe_tiny",
     "layer_bench_recipe",
     "load_toml",
+    "mixtral_8x7b",
+    "mixtral_8x22b",
+    "mixtral_tiny",
+    "gpt2_xl_moe",
     "model_preset",
     "parse_bool",
     "parse_degree_pair",

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsmoe.config.values import (
+    ARCH_NAMES,
+    DEVICE_NAMES,
     DISPATCHER_NAMES,
+    DTYPE_NAMES,
     DROP_POLICIES,
     EXPERT_NAMES,
     GATE_NAMES,
@@ -19,6 +22,7 @@ from fsmoe.config.values import (
     MODEL_NAMES,
     NOISY_GATES,
     ORDER_NAMES,
+    PROGRESS_NAMES,
     SCHEDULES,
     check_at_least,
     check_choice,
@@ -130,17 +134,24 @@ class MoEConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class ModelConfig:
-    """Shape of the GPT-MoE model. ``moe`` configures every MoE layer; ``d_ff`` is the dense MLPs'
-    hidden size; block i (0-based) is MoE when ``(i + 1) % moe_every == 0`` (``moe_every > n_layers``:
-    a purely dense model). ``name`` is the preset it started from (:data:`MODEL_PRESETS`)."""
+    """Shape of the language model. ``arch`` ``gpt``: GPT-2-MoE (LayerNorm, learned positions, GELU dense
+    MLPs, multi-head attention); ``mixtral``: Mixtral-style (RMSNorm, RoPE with ``rope_theta``,
+    grouped-query attention with ``n_kv_heads`` key/value heads, SwiGLU experts). ``moe`` configures every
+    MoE layer; ``d_ff`` is the dense MLPs' hidden size; block i (0-based) is MoE when
+    ``(i + 1) % moe_every == 0`` (``moe_every > n_layers``: a purely dense model). ``name`` is the preset it
+    started from (:data:`MODEL_PRESETS`)."""
 
     name: str = opt("tiny", "model preset (its sizes; the flags below override them)", flag="--model",
                     parse=choice_parser("model preset", MODEL_NAMES))
+    arch: str = opt("gpt", "model family: gpt (GPT-2-MoE) or mixtral", parse=choice_parser("arch", ARCH_NAMES))
     vocab_size: int = opt(256, "vocabulary size (256: bytes)", parse=int)
     seq_len: int = opt(128, "sequence length L", parse=int)
     d_model: int = opt(128, "model dim D", parse=int)
     n_layers: int = opt(4, "transformer blocks", parse=int)
     n_heads: int = opt(4, "attention heads", parse=int)
+    n_kv_heads: int | None = opt(None, "key/value heads of grouped-query attention (mixtral; none: n_heads)",
+                                 flag="--kv-heads", parse=optional_parser(int))
+    rope_theta: float = opt(10000.0, "RoPE base (mixtral)", parse=float)
     d_ff: int = opt(512, "dense MLP hidden size", parse=int)
     moe: MoEConfig = field(default_factory=MoEConfig)
     moe_every: int = opt(2, "block i is MoE when (i+1) %% N == 0", parse=int)
@@ -149,13 +160,29 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("model preset", self.name, tuple(MODEL_PRESETS))
+        check_choice("arch", self.arch, ARCH_NAMES)
         check_at_least(self, 1, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "moe_every")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
             )
+        if self.n_kv_heads is not None:
+            if self.arch == "gpt" and self.n_kv_heads != self.n_heads:
+                raise ValueError(f"n_kv_heads={self.n_kv_heads}: the gpt arch has multi-head attention "
+                                 f"(n_kv_heads = n_heads = {self.n_heads}); grouped-query attention is --arch mixtral")
+            if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+                raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} >= 1")
+        if self.arch == "mixtral" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads = {self.d_model // self.n_heads}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``n_heads`` unless grouped-query attention)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether block ``i`` (0-based) uses an MoE layer instead of the dense MLP."""
@@ -164,6 +191,22 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def estimated_params(self) -> int:
+        """Parameters the model would have, counted from the sizes without building it (embeddings, head
+        unless tied, attention, norms, dense MLPs, experts and routers; biases of the gpt arch included)."""
+        D, H, E, V = self.d_model, self.moe.d_hidden, self.moe.num_experts, self.vocab_size
+        Dh = D // self.n_heads
+        gpt = self.arch == "gpt"
+        attn = D * D + 2 * D * self.kv_heads * Dh + D * D + (4 * D if gpt else 0)
+        norms = (4 if gpt else 2) * D
+        expert_mats = 3 if (self.moe.expert == "swiglu" or not gpt) else 2
+        expert = expert_mats * D * H + ((H + D) if gpt else 0)
+        dense = 2 * D * self.d_ff + (self.d_ff + D if gpt else 0)
+        blocks = sum(attn + norms + (E * expert + D * E if self.is_moe_layer(i) else dense)
+                     for i in range(self.n_layers))
+        embed = V * D + (self.seq_len * D if gpt else 0)
+        return embed + blocks + (2 if gpt else 1) * D + (0 if self.tie_embeddings else V * D)
 
 
 def gpt2_moe_tiny() -> ModelConfig:
@@ -181,7 +224,49 @@ def gpt2_moe_small() -> ModelConfig:
                        moe=MoEConfig(num_experts=8, top_k=2, d_hidden=3072, capacity_factor=1.25))
 
 
-MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {"tiny": gpt2_moe_tiny, "small": gpt2_moe_small}
+def mixtral_tiny() -> ModelConfig:
+    """A Mixtral-style byte model that trains on CPU: 4 layers, all MoE, D=128, 4 heads / 2 KV heads,
+    4 SwiGLU experts of H=192 (about the FLOPs of a 512-wide GELU MLP at top-2), untied head."""
+    return ModelConfig(name="mixtral-tiny", arch="mixtral", seq_len=128, d_model=128, n_layers=4, n_heads=4,
+                       n_kv_heads=2, d_ff=512, moe_every=1, tie_embeddings=False,
+                       moe=MoEConfig(num_experts=4, top_k=2, d_hidden=192, expert="swiglu", capacity_factor=1.25))
+
+
+def gpt2_xl_moe() -> ModelConfig:
+    """The paper's GPT2-XL-MoE (digest §6.5): GPT2-XL's 48 layers, D=1600, 25 heads, L=1024, every block
+    MoE with FFN experts of H=4D, top-2, f=1.2; 8 experts (the paper sets E by the cluster). A
+    planning/simulation preset: about 10B parameters, never built on this machine."""
+    return ModelConfig(name="gpt2-xl-moe", vocab_size=50257, seq_len=1024, d_model=1600, n_layers=48, n_heads=25,
+                       d_ff=6400, moe_every=1,
+                       moe=MoEConfig(num_experts=8, top_k=2, d_hidden=6400, capacity_factor=1.2))
+
+
+def mixtral_8x7b() -> ModelConfig:
+    """Mixtral-8x7B: 32 layers, D=4096, 32 heads / 8 KV heads, 8 SwiGLU experts of H=14336, top-2,
+    vocabulary 32000, RoPE base 1e6; about 46.7B parameters. A planning/simulation preset."""
+    return ModelConfig(name="mixtral-8x7b", arch="mixtral", vocab_size=32000, seq_len=4096, d_model=4096,
+                       n_layers=32, n_heads=32, n_kv_heads=8, rope_theta=1e6, d_ff=14336, moe_every=1,
+                       tie_embeddings=False,
+                       moe=MoEConfig(num_experts=8, top_k=2, d_hidden=14336, expert="swiglu", capacity_factor=1.2))
+
+
+def mixtral_8x22b() -> ModelConfig:
+    """Mixtral-8x22B: 56 layers, D=6144, 48 heads / 8 KV heads, 8 SwiGLU experts of H=16384, top-2,
+    vocabulary 32768, RoPE base 1e6; about 141B parameters. A planning/simulation preset."""
+    return ModelConfig(name="mixtral-8x22b", arch="mixtral", vocab_size=32768, seq_len=4096, d_model=6144,
+                       n_layers=56, n_heads=48, n_kv_heads=8, rope_theta=1e6, d_ff=16384, moe_every=1,
+                       tie_embeddings=False,
+                       moe=MoEConfig(num_experts=8, top_k=2, d_hidden=16384, expert="swiglu", capacity_factor=1.2))
+
+
+# The largest model fsmoe builds on a CPU; the paper-sized presets are for `fsmoe plan` and `fsmoe simulate`.
+MAX_CPU_PARAMS = 2_000_000_000
+
+
+MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": gpt2_moe_tiny, "small": gpt2_moe_small, "mixtral-tiny": mixtral_tiny, "gpt2-xl-moe": gpt2_xl_moe,
+    "mixtral-8x7b": mixtral_8x7b, "mixtral-8x22b": mixtral_8x22b,
+}
 assert tuple(MODEL_PRESETS) == MODEL_NAMES
 
 
@@ -315,11 +400,21 @@ class TrainConfig:
     lr_warmup: int = opt(50, "linear learning-rate warm-up steps", parse=int)
     grad_clip: float | None = opt(1.0, "global gradient-norm clip, or 'none'", parse=optional_parser(float))
     log_every: int = opt(50, "steps between progress lines", parse=int)
-    eval_iters: int = opt(20, "validation batches at the end", parse=int)
+    eval_iters: int = opt(20, "validation batches per evaluation", parse=int)
+    eval_every: int | None = opt(None, "steps between validation evaluations (none: only at the end)",
+                                 parse=optional_parser(int))
     max_seconds: float | None = opt(None, "training time budget in seconds, or 'none'", parse=optional_parser(float))
+    save_every: int | None = opt(None, "steps between checkpoints in <out>/checkpoints (none: none; the last "
+                                 "step is saved too when set)", parse=optional_parser(int))
+    keep_checkpoints: int = opt(3, "checkpoints kept (the oldest are removed)", flag="--keep", parse=int)
+    resume: str | None = opt(None, "resume from a checkpoint directory, or a run directory (its latest checkpoint)",
+                             parse=optional_parser(str))
 
     def __post_init__(self) -> None:
-        check_at_least(self, 1, "steps", "batch_size", "log_every", "eval_iters")
+        check_at_least(self, 1, "steps", "batch_size", "log_every", "eval_iters", "keep_checkpoints")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) is not None:
+                check_at_least(self, 1, name)
         check_at_least(self, 0, "lr_warmup")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -363,10 +458,19 @@ class RunConfig:
                             parse=optional_parser(str))
     overwrite: bool = opt(False, "replace a previous run in --out (else a run directory is never overwritten)",
                           parse=parse_bool)
+    device: str = opt("auto", "where each rank computes: cuda:LOCAL_RANK with NCCL when CUDA is there (auto), "
+                      "else the CPU with gloo", parse=choice_parser("device", DEVICE_NAMES))
+    dtype: str = opt("fp32", "compute dtype of experts and attention (bf16: autocast, fp32 master weights and "
+                     "router)", parse=choice_parser("dtype", DTYPE_NAMES))
+    progress: str = opt("auto", "progress display: a bar on a terminal, plain lines in logs (auto)",
+                        parse=choice_parser("progress", PROGRESS_NAMES))
 
     def __post_init__(self) -> None:
         if not self.out:
             raise ValueError("RunConfig: out must name a directory")
+        check_choice("device", self.device, DEVICE_NAMES)
+        check_choice("dtype", self.dtype, DTYPE_NAMES)
+        check_choice("progress", self.progress, PROGRESS_NAMES)
         if self.threads is not None:
             check_at_least(self, 1, "threads")
 
@@ -452,7 +556,38 @@ class BenchConfig:
             raise ValueError(f"BenchConfig: timeout_s must be > 0, got {self.timeout_s}")
 
 
-SECTIONS = ("model", "moe", "parallel", "schedule", "plan", "train", "data", "run", "cluster", "bench")
+SIM_CLUSTERS = ("testbed-a", "testbed-b", "dgx-h100")  # fsmoe.sim.presets.CLUSTERS; or a profile JSON path
+
+
+@dataclass(kw_only=True, frozen=True)
+class SimConfig:
+    """The simulator (:mod:`fsmoe.sim`): the described ``cluster`` — a preset (:data:`SIM_CLUSTERS`) or
+    the path of an ``fsmoe profile`` cache file — with ``nodes`` × ``gpus_per_node`` GPUs (none: the
+    preset's), the ``schedules`` to play, and whether a paper model preset takes the paper's settings for
+    that cluster (``paper_settings``: layer count, sequence length, batch; digest §6.5)."""
+
+    cluster: str = opt("testbed-a", "cluster preset (testbed-a, testbed-b, dgx-h100) or an fsmoe profile JSON file",
+                       flag="--cluster")
+    nodes: int | None = opt(None, "nodes of the simulated cluster (none: the preset's)", parse=optional_parser(int))
+    gpus_per_node: int | None = opt(None, "GPUs per node (none: the preset's)", parse=optional_parser(int))
+    schedules: tuple[str, ...] = opt(tuple(SCHEDULES), "schedules to simulate", flag="--sim-schedules", nargs="+",
+                                     parse=choice_parser("schedule", tuple(SCHEDULES)))
+    paper_settings: bool = opt(True, "a paper model preset runs with the paper's settings on this cluster",
+                               parse=parse_bool)
+
+    def __post_init__(self) -> None:
+        if not self.cluster:
+            raise ValueError("SimConfig: cluster must name a preset or a profile file")
+        for name in ("nodes", "gpus_per_node"):
+            if getattr(self, name) is not None:
+                check_at_least(self, 1, name)
+        if not self.schedules:
+            raise ValueError("SimConfig: give at least one schedule")
+        for sched in self.schedules:
+            get_schedule(sched)
+
+
+SECTIONS = ("model", "moe", "parallel", "schedule", "plan", "train", "data", "run", "cluster", "bench", "sim")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -469,6 +604,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     def __post_init__(self) -> None:
         par, m = self.parallel, self.model
@@ -479,6 +615,8 @@ class JobConfig:
             problems.append(f"expert hidden dim H={m.moe.d_hidden} is not divisible by ESP={par.esp}")
         if m.n_heads % par.mp:
             problems.append(f"attention heads {m.n_heads} are not divisible by MP={par.mp}")
+        if m.kv_heads % par.mp:
+            problems.append(f"key/value heads {m.kv_heads} are not divisible by MP={par.mp}")
         if m.seq_len % par.mp:
             problems.append(f"sequence length {m.seq_len} is not divisible by MP={par.mp} (sequence parallelism)")
         layer_degrees = self.schedule.layer_degrees
@@ -490,6 +628,11 @@ class JobConfig:
     def check_training(self) -> None:
         """The rules of a job that trains (``fsmoe train``, ``fsmoe bench train``), beyond those every job
         obeys: the global batch splits evenly over the dense data-parallel ranks."""
+        params = self.model.estimated_params()
+        if params > MAX_CPU_PARAMS and self.run.device != "cuda":
+            raise ValueError(f"model {self.model.name!r} has about {params / 1e9:.1f}B parameters, more than the "
+                             f"{MAX_CPU_PARAMS / 1e9:.0f}B fsmoe builds without --device cuda; it is a preset for "
+                             "`fsmoe plan` and `fsmoe simulate`")
         if self.train.batch_size % self.parallel.dense_dp:
             raise ValueError(f"global batch {self.train.batch_size} is not divisible by the dense data-parallel "
                              f"degree {self.parallel.dense_dp}")
@@ -642,6 +785,16 @@ def train_bench_recipe() -> JobConfig:
                        bench=BenchConfig(schedules=("sequential", "fsmoe"), reps=10, warmup=2, timeout_s=900.0))
 
 
+def simulate_recipe() -> JobConfig:
+    """``fsmoe simulate``: Mixtral-8x7B on Testbed-A with the paper's settings, every schedule."""
+    return JobConfig(model=mixtral_8x7b(), run=RunConfig(out="sim_results"))
+
+
+def reproduce_recipe() -> JobConfig:
+    """``fsmoe reproduce``: the paper's experiments; the report goes to ``reproduce/``."""
+    return JobConfig(model=mixtral_8x7b(), run=RunConfig(out="reproduce"))
+
+
 RECIPES: dict[str, Callable[[], JobConfig]] = {
     "train": train_recipe,
     "profile": train_recipe,
@@ -649,4 +802,7 @@ RECIPES: dict[str, Callable[[], JobConfig]] = {
     "cluster cleanup": train_recipe,
     "bench layer": layer_bench_recipe,
     "bench train": train_bench_recipe,
+    "simulate": simulate_recipe,
+    "reproduce": reproduce_recipe,
+    "report": train_recipe,
 }

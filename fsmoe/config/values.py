@@ -16,7 +16,11 @@ EXPERT_NAMES = ("ffn", "swiglu")
 DROP_POLICIES = ("position", "probability")
 NOISY_GATES = ("gshard", "switch", "sigmoid")
 DISPATCHER_NAMES = ("a2a", "2dh", "1dh")
-MODEL_NAMES = ("tiny", "small")  # the keys of MODEL_PRESETS
+MODEL_NAMES = ("tiny", "small", "mixtral-tiny", "gpt2-xl-moe", "mixtral-8x7b", "mixtral-8x22b")  # MODEL_PRESETS' keys
+ARCH_NAMES = ("gpt", "mixtral")
+DEVICE_NAMES = ("auto", "cpu", "cuda")
+DTYPE_NAMES = ("fp32", "bf16")
+PROGRESS_NAMES = ("auto", "bar", "lines")
 LAUNCHERS = ("local", "emulated", "auto")
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fsmoe.config import JobConfig, ScheduleConfig, TrainConfig, dump_toml, get_schedule
+from fsmoe.models import build_lm
 from fsmoe.models.gpt_moe import GPTMoE, ModelOutput
 from fsmoe.moe.layer import MoEStats
 from fsmoe.parallel.dims import config_hash_check
@@ -152,7 +153,7 @@ def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None
     """The model of ``job`` for this rank: every rank builds the full model from ``run.seed``, then keeps
     its shards; MoE blocks get the configured schedule (sharing one runtime, i.e. one set of lanes)."""
     torch.manual_seed(job.run.seed)
-    model = GPTMoE(job.model)
+    model = build_lm(job.model)
     par, sched = job.parallel, job.schedule
     if ctx is not None:
         parallelize_gpt(model, ctx.groups, par.dispatcher)
@@ -349,7 +350,7 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
                   f"schedule {sched.name} r={_degrees_text(sched)})" if par.distributed else "1 process")
         print(
             f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val bytes\n"
-            f"model: {GPTMoE(m).num_params() if par.distributed else model.num_params():,} parameters, "
+            f"model: {m.estimated_params() if par.distributed else model.num_params():,} parameters, "
             f"{m.n_layers} layers ({m.num_moe_layers} MoE: {m.moe.num_experts} experts, "
             f"top-{m.moe.top_k}, gate {m.moe.gate}); {cfg.batch_size}x{seq_len} tokens/step; {layout}",
             flush=True,
