@@ -153,6 +153,13 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets_L1 = torch.arange(seq_len + 1)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """Where the batch sequence stands (the generator's state): a checkpoint resumes it exactly."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
     def sample(self) -> tuple[Tensor, Tensor]:
         num_starts = self.data_N.numel() - self.seq_len  # windows of L + 1 bytes
         start_B = torch.randint(num_starts, (self.batch_size,), generator=self.generator)
