@@ -54,6 +54,7 @@ A Gradient-AllReduce slice inside the block (``gar``) takes the time the caller 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -460,21 +461,46 @@ CONTENTION_PLAYS = 4  # at most this many plays of one task list (the first at t
 CONTENTION_TOL = 1e-3  # of the makespan: durations that move less have settled
 
 
-def _overlap(span: TaskSpan, compute: Sequence[tuple[float, float]]) -> tuple[float, bool]:
+class ComputeCover:
+    """The compute spans of one play (one compute lane: sorted, never overlapping) with their running
+    total, so that the compute time inside any interval is two binary searches, not a scan."""
+
+    def __init__(self, spans: Sequence[tuple[float, float]]) -> None:
+        self.starts = [a for a, _ in spans]
+        self.ends = [b for _, b in spans]
+        self.before = [0.0]  # before[i]: compute time of spans[:i]
+        for a, b in spans:
+            self.before.append(self.before[-1] + (b - a))
+
+    def upto(self, x: float) -> float:
+        """Compute time in (-inf, x]."""
+        i = bisect.bisect_right(self.starts, x) - 1
+        return 0.0 if i < 0 else self.before[i] + min(x, self.ends[i]) - self.starts[i]
+
+    def inside(self, x: float) -> bool:
+        """Whether x lies strictly inside a compute span."""
+        i = bisect.bisect_right(self.starts, x) - 1
+        return i >= 0 and self.starts[i] < x < self.ends[i]
+
+
+def _overlap(span: TaskSpan, cover: ComputeCover) -> tuple[float, bool]:
     """(seconds of ``span`` that overlap the compute spans, whether its end lies strictly inside one)."""
-    covered = math.fsum(max(0.0, min(span.end_s, b) - max(span.start_s, a)) for a, b in compute)
-    return covered, any(a < span.end_s < b for a, b in compute)
+    return max(cover.upto(span.end_s) - cover.upto(span.start_s), 0.0), cover.inside(span.end_s)
+
+
+def _cover(timeline: Timeline) -> ComputeCover:
+    return ComputeCover(sorted((s.start_s, s.end_s) for s in timeline.spans if s.lane == "compute"))
 
 
 def overlap_fractions(timeline: Timeline) -> dict[tuple[str, int], float]:
     """For each communication task of ``timeline``: the share of its span that overlaps a compute task
     (compute spans never overlap each other: one compute lane). 0 for a task of zero length."""
-    compute = [(s.start_s, s.end_s) for s in timeline.spans if s.lane == "compute"]
+    cover = _cover(timeline)
     out = {}
     for s in timeline.spans:
         if s.lane != "compute":
             length = s.end_s - s.start_s
-            out[(s.kind, s.chunk)] = min(_overlap(s, compute)[0] / length, 1.0) if length > 0 else 0.0
+            out[(s.kind, s.chunk)] = min(_overlap(s, cover)[0] / length, 1.0) if length > 0 else 0.0
     return out
 
 
@@ -510,12 +536,12 @@ def play_contended(tasks: Sequence[Task], lanes: Mapping[str, str], idle: Callab
     timeline = play(tasks, lanes, lambda t: durations[t.key], free_at_s=free_at_s)
     plays = 1
     while plays < max_plays:
-        compute = [(sp.start_s, sp.end_s) for sp in timeline.spans if sp.lane == "compute"]
+        cover = _cover(timeline)
         new = dict(durations)
         for sp in timeline.spans:
             if sp.lane != "compute":
                 key = (sp.kind, sp.chunk)
-                new[key] = contended_duration(lo[key], hi[key], sp.end_s - sp.start_s, *_overlap(sp, compute))
+                new[key] = contended_duration(lo[key], hi[key], sp.end_s - sp.start_s, *_overlap(sp, cover))
         if max((abs(new[k] - durations[k]) for k in lo), default=0.0) <= CONTENTION_TOL * timeline.makespan_s:
             break
         durations = new
