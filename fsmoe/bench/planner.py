@@ -240,6 +240,7 @@ def summarize_accuracy(records: Sequence[dict[str, Any]], wall_s: float) -> dict
     alone = [r["solve_ms_alone"] for r in records if r.get("solve_ms_alone") is not None]
     probe_names = sorted({n for r in records for n in r["probe_errors"]})
     median_error = _median(all_errors)
+    twins = [abs(r["twin_over_auto"] - 1.0) for r in records if r.get("twin_over_auto") is not None]
     return {
         "cases": len(records),
         "median_abs_error": median_error,
@@ -257,6 +258,11 @@ def summarize_accuracy(records: Sequence[dict[str, Any]], wall_s: float) -> dict
                                           if r["sequential_unmodelled"] is not None]),
         "within_5pct": count("within_5pct"),
         "auto_ok_vs_sequential": count("auto_ok_vs_sequential"),
+        # the same degrees measured twice in one run (the grid row and the auto row): the noise floor that
+        # "within 5% of the best" is judged against
+        "twin_noise_median": _median(twins),
+        "twin_noise_max": max(twins) if twins else None,
+        "twin_noise_configs": len(twins),
         "max_solve_ms_rank": max(solves) if solves else None,
         "max_solve_ms_alone": max(alone) if alone else None,
         "median_solve_ms_rank": _median(solves),
@@ -310,6 +316,10 @@ def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) 
              f"{TARGET_SOLVE_MS:g} ms); wall {s['wall_s']:.0f} s",
              f"where the error comes from: each operation alone vs its profiled line (median over configs): {probes}; "
              f"sequential row / sum of its operations timed alone: {_x(s['sequential_unmodelled'])}x"]
+    if s.get("twin_noise_configs"):
+        lines.append(f"run-to-run noise: where the planner's degrees are also a grid row, the two measurements of the "
+                     f"same thing differ by {_pct(s['twin_noise_median'])} (median; max {_pct(s['twin_noise_max'])}, "
+                     f"{s['twin_noise_configs']} configs)")
     if s.get("busy_machine"):
         lines.append(f"busy machine (> {_pct(BUSY_MACHINE)} of the CPU outside our ranks; times suspect): "
                      f"{', '.join(s['busy_machine'])}")
