@@ -2,10 +2,10 @@
 
 Legend: T tokens, D model dim (the paper's M), H expert hidden, E experts, K top-k, C capacity.
 
-:class:`JobConfig` composes one ``@dataclass(kw_only=True, frozen=True)`` per concern — ``model`` (with
-its ``moe`` layers), ``parallel``, ``schedule``, ``plan``, ``train``, ``data``, ``run``, ``cluster``, ``bench``, ``sim`` —
-and each section validates its own fields in ``__post_init__``; rules that tie sections together
-(E divisible by EP, H by ESP, heads and sequence by MP) are checked once, in
+:class:`JobConfig` composes one ``@dataclass(kw_only=True, frozen=True)`` per concern —
+``model`` (with its ``moe`` layers), ``parallel``, ``schedule``, ``plan``, ``train``, ``data``, ``run``,
+``cluster``, ``bench``, ``sim`` — and each section validates its own fields in ``__post_init__``; rules
+that tie sections together (E divisible by EP, H by ESP, heads and sequence by MP) are checked once, in
 :meth:`JobConfig.__post_init__`, and those of a training job (the batch splits over the dense
 data-parallel ranks) in :meth:`JobConfig.check_training`. Every message names the values.
 
@@ -50,11 +50,11 @@ from fsmoe.config.job import (
     get_value,
     gpt2_moe_small,
     gpt2_moe_tiny,
+    gpt2_xl_moe,
     layer_bench_recipe,
     mixtral_8x7b,
     mixtral_8x22b,
     mixtral_tiny,
-    gpt2_xl_moe,
     model_preset,
     train_bench_recipe,
     train_recipe,

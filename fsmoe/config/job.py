@@ -14,8 +14,8 @@ from fsmoe.config.values import (
     ARCH_NAMES,
     DEVICE_NAMES,
     DISPATCHER_NAMES,
-    DTYPE_NAMES,
     DROP_POLICIES,
+    DTYPE_NAMES,
     EXPERT_NAMES,
     GATE_NAMES,
     LAUNCHERS,
@@ -200,9 +200,8 @@ class ModelConfig:
         gpt = self.arch == "gpt"
         attn = D * D + 2 * D * self.kv_heads * Dh + D * D + (4 * D if gpt else 0)
         norms = (4 if gpt else 2) * D
-        expert_mats = 3 if (self.moe.expert == "swiglu" or not gpt) else 2
-        expert = expert_mats * D * H + ((H + D) if gpt else 0)
-        dense = 2 * D * self.d_ff + (self.d_ff + D if gpt else 0)
+        expert = 3 * D * H if self.moe.expert == "swiglu" else 2 * D * H + H + D
+        dense = 2 * D * self.d_ff + self.d_ff + D if gpt else 3 * D * self.d_ff
         blocks = sum(attn + norms + (E * expert + D * E if self.is_moe_layer(i) else dense)
                      for i in range(self.n_layers))
         embed = V * D + (self.seq_len * D if gpt else 0)

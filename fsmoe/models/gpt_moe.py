@@ -8,6 +8,11 @@ Blocks are pre-LN: ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))``, where ``mlp`` 
 the default ``moe_every=2`` blocks 1, 3, 5, ... are MoE (GShard's "every other layer"). The model never
 touches ``torch.distributed``: attention lives in its own class so that a tensor-parallel attention can
 replace it, and expert parallelism enters through the MoE layer's dispatcher.
+
+The parts every language model here shares live in this module too: :class:`PreNormBlock` (the block
+structure, with the ``grad_slot`` hook the gradient plan uses) and :class:`MoELanguageModel` (the
+sequence shard, ``moe_layers``, the parameter count, the loss and statistics tail);
+:mod:`fsmoe.models.mixtral` builds on them.
 """
 
 from __future__ import annotations
@@ -94,21 +99,19 @@ class _OnBackward(torch.autograd.Function):
         return grad, None
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block; ``mlp`` is either :class:`MLP` or :class:`MoELayer`."""
+class PreNormBlock(nn.Module):
+    """Pre-norm residual block ``x = x + attn(ln1(x)); x = x + mlp(ln2(x))`` over given parts: ``ln1`` and
+    ``ln2`` the norms (LayerNorm in GPT, RMSNorm in Mixtral), ``attn`` an attention ``(x_BLD) -> y_BLD``,
+    ``mlp`` a dense MLP or an :class:`MoELayer`. Parts are registered in that order (parameter names and
+    order are part of the checkpoint and of the gradient stream)."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module, dropout: float) -> None:
         super().__init__()
-        # GPT-2: residual-path output projections scaled by 1/sqrt(2·n_layers) so the residual stream's
-        # variance does not grow with depth. MoE experts keep their own initialisation.
-        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, out_std)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp: nn.Module = (
-            MoELayer.from_config(cfg.moe, cfg.d_model) if moe else MLP(cfg.d_model, cfg.d_ff, out_std)
-        )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ln1 = ln1
+        self.attn = attn
+        self.ln2 = ln2
+        self.mlp = mlp
+        self.drop = nn.Dropout(dropout)
         # Called in backward once the MLP/MoE branch is done, before this block's attention backward
         # (where a planned gradient all-reduce can overlap it); None costs nothing.
         self.grad_slot: Callable[[], None] | None = None
@@ -124,25 +127,32 @@ class Block(nn.Module):
         return x_BLD + self.drop(self.mlp(self.ln2(x_BLD)))
 
 
-class GPTMoE(nn.Module):
-    """``forward(idx_BL, targets=None) -> ModelOutput``; idx and targets are byte ids of shape (B, L)."""
+class Block(PreNormBlock):
+    """GPT-2's pre-LN block; ``mlp`` is either :class:`MLP` or :class:`MoELayer`."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+        # GPT-2: residual-path output projections scaled by 1/sqrt(2·n_layers) so the residual stream's
+        # variance does not grow with depth. MoE experts keep their own initialisation.
+        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        ln1 = nn.LayerNorm(cfg.d_model)
+        attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, out_std)
+        ln2 = nn.LayerNorm(cfg.d_model)
+        mlp = MoELayer.from_config(cfg.moe, cfg.d_model) if moe else MLP(cfg.d_model, cfg.d_ff, out_std)
+        super().__init__(ln1, attn, ln2, mlp, cfg.dropout)
+
+
+class MoELanguageModel(nn.Module):
+    """What the language models share: ``blocks`` (set by the subclass, items :class:`PreNormBlock`),
+    ``seq_shard`` = (this shard, number of shards) of the sequence axis, set by
+    :func:`fsmoe.parallel.parallelize.parallelize_gpt` for sequence parallelism, the MoE layers, the
+    parameter count, and the loss and statistics at the end of the forward."""
+
+    blocks: nn.ModuleList
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
-        nn.init.normal_(self.wte.weight, std=INIT_STD)
-        nn.init.normal_(self.wpe.weight, std=INIT_STD)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.seq_shard: tuple[int, int] = (0, 1)  # (this shard, number of shards) of the sequence axis
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.wte.weight
-        else:
-            nn.init.normal_(self.head.weight, std=INIT_STD)
+        self.seq_shard: tuple[int, int] = (0, 1)
 
     @property
     def moe_layers(self) -> list[nn.Module]:
@@ -153,31 +163,27 @@ class GPTMoE(nn.Module):
         """Distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx_BL: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        B, L = idx_BL.shape
+    def _shard(self, idx_BL: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """This rank's shard of the positions: ``(idx_Bl, targets_Bl, pos_l)`` with ``pos_l`` the global
+        positions of the shard. Sequence parallelism: a rank embeds, routes and scores only its shard;
+        attention gathers the rest."""
+        L = idx_BL.shape[1]
         if L > self.cfg.seq_len:
             raise ValueError(f"sequence length {L} exceeds the model's seq_len={self.cfg.seq_len}")
-        # Sequence parallelism (set by fsmoe.parallel.parallelize_gpt): this rank embeds, routes and scores
-        # only its shard of the positions; attention gathers the rest.
         shard, shards = self.seq_shard
-        if shards > 1:
-            if L % shards:
-                raise ValueError(f"sequence length {L} is not divisible by the {shards} sequence shards")
-            keep = slice(shard * (L // shards), (shard + 1) * (L // shards))
-            idx_BL = idx_BL[:, keep]
-            targets = targets[:, keep] if targets is not None else None
-            pos_L = torch.arange(keep.start, keep.stop, device=idx_BL.device)
-            L = L // shards
-        else:
-            pos_L = torch.arange(L, device=idx_BL.device)
-        x_BLD = self.drop(self.wte(idx_BL) + self.wpe(pos_L))
-        for block in self.blocks:
-            x_BLD = block(x_BLD)
-        logits_BLV = self.head(self.ln_f(x_BLD))
+        if shards == 1:
+            return idx_BL, targets, torch.arange(L, device=idx_BL.device)
+        if L % shards:
+            raise ValueError(f"sequence length {L} is not divisible by the {shards} sequence shards")
+        keep = slice(shard * (L // shards), (shard + 1) * (L // shards))
+        pos_l = torch.arange(keep.start, keep.stop, device=idx_BL.device)
+        return idx_BL[:, keep], targets[:, keep] if targets is not None else None, pos_l
 
+    def _output(self, logits_BLV: Tensor, targets: Tensor | None) -> ModelOutput:
+        """The mean next-token loss (with targets) and the MoE layers' statistics of this forward."""
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits_BLV.reshape(B * L, -1).float(), targets.reshape(B * L))
+            loss = F.cross_entropy(logits_BLV.flatten(0, 1).float(), targets.flatten())
         stats: list[MoEStats] = []
         for layer in self.moe_layers:
             if layer.last_stats is None:
@@ -185,3 +191,29 @@ class GPTMoE(nn.Module):
             stats.append(layer.last_stats)
         aux = sum((s.aux_loss for s in stats), logits_BLV.new_zeros(()))
         return ModelOutput(logits=logits_BLV, loss=loss, aux_loss=aux, moe_stats=stats)
+
+
+class GPTMoE(MoELanguageModel):
+    """``forward(idx_BL, targets=None) -> ModelOutput``; idx and targets are byte ids of shape (B, L)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        nn.init.normal_(self.wte.weight, std=INIT_STD)
+        nn.init.normal_(self.wpe.weight, std=INIT_STD)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.wte.weight
+        else:
+            nn.init.normal_(self.head.weight, std=INIT_STD)
+
+    def forward(self, idx_BL: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        idx_BL, targets, pos_L = self._shard(idx_BL, targets)
+        x_BLD = self.drop(self.wte(idx_BL) + self.wpe(pos_L))
+        for block in self.blocks:
+            x_BLD = block(x_BLD)
+        return self._output(self.head(self.ln_f(x_BLD)), targets)

@@ -1,7 +1,8 @@
 """Apply parallelism to a single-device model from outside: shards, dispatchers, pipelines, plans.
 
-Every rank builds the same full model from the same seed, then :func:`parallelize_gpt` keeps this
-rank's shards: MP attention heads (:class:`TensorParallelAttention`), this rank's sequence shard,
+Every rank builds the same full model (GPT-MoE or Mixtral) from the same seed, then :func:`parallelize_gpt`
+keeps this rank's shards: MP attention heads (:class:`TensorParallelAttention`, or :class:`TensorParallelGQA`
+for the Mixtral model's grouped-query attention), this rank's sequence shard,
 and the MoE layers' expert shards behind a distributed dispatcher. The distributed model is therefore
 exactly the single-device model with the same weights, which is what the equality tests rely on
 (building the full model first costs memory once at start-up; fine for the model sizes trained here).
@@ -24,16 +25,17 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from fsmoe.config import ScheduleSpec, get_schedule
+from fsmoe.config import ModelConfig, ScheduleSpec, get_schedule
 from fsmoe.moe.block import ExpertBlock
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import build_experts
 from fsmoe.moe.layer import MoELayer, MoEStats
+from fsmoe.parallel.comm import Group
 from fsmoe.parallel.dims import ProcessGroups
 from fsmoe.parallel.dispatch import build_dispatcher
 from fsmoe.parallel.grad_plan import TAIL, PlannedGradSync, StreamLayout, order_stream
 from fsmoe.parallel.grad_sync import mark_replicas
-from fsmoe.parallel.tensor_parallel import TensorParallelAttention
+from fsmoe.parallel.tensor_parallel import TensorParallelAttention, TensorParallelGQA
 from fsmoe.schedule.pipelined import Pipeline
 from fsmoe.schedule.runtime import Runtime
 
@@ -54,14 +56,23 @@ def shard_moe_layer(full: MoELayer, groups: ProcessGroups, dispatcher: Dispatche
     return MoELayer(full.gate, full.order, experts, dispatcher, full.hooks)
 
 
+def tensor_parallel_attention(cfg: ModelConfig, group: Group) -> nn.Module:
+    """The MP attention of the model ``cfg`` describes: GPT-MoE's multi-head attention or the Mixtral
+    model's grouped-query attention with RoPE, heads split over ``group``."""
+    if cfg.arch == "mixtral":
+        return TensorParallelGQA(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, cfg.dropout, group)
+    return TensorParallelAttention(cfg.d_model, cfg.n_heads, cfg.dropout, group)
+
+
 def parallelize_gpt(model: nn.Module, groups: ProcessGroups, dispatcher: str = "a2a") -> nn.Module:
-    """In place: MP attention, sequence shard and distributed MoE layers for this rank."""
+    """In place: MP attention, sequence shard and distributed MoE layers for this rank, for either
+    language model of :func:`fsmoe.models.build_lm` (its ``cfg.arch`` picks the MP attention)."""
     dims = groups.dims
     coords = dims.rank_layout(groups.rank)
     disp = build_dispatcher(dispatcher, groups) if dims.ep * dims.esp > 1 else build_dispatcher("local")
     for block in model.blocks:
         if dims.mp > 1:
-            tp = TensorParallelAttention(model.cfg.d_model, model.cfg.n_heads, model.cfg.dropout, groups.group("mp"))
+            tp = tensor_parallel_attention(model.cfg, groups.group("mp"))
             tp.load_shard(block.attn, coords.mp)
             block.attn = tp
         if isinstance(block.mlp, MoELayer):
@@ -129,7 +140,8 @@ def pipeline_of(layer: nn.Module) -> Pipeline | None:
 
 
 def gpt_gradient_stream(model: nn.Module) -> StreamLayout:
-    """The gradient stream of a GPT-MoE (see :mod:`fsmoe.parallel.grad_plan`): slots ``moe:i`` and
+    """The gradient stream of a GPT-MoE or Mixtral model (see :mod:`fsmoe.parallel.grad_plan`; both name
+    their parts ``blocks.i.{ln1,attn,ln2,mlp}``, ``ln_f``, ``head``): slots ``moe:i`` and
     ``dense:i`` from the last block to the first, then ``tail``; each parameter ready at the first slot
     after backward completes it. Tied or embedding parameters finish last (``tail``)."""
     blocks = list(model.blocks)
@@ -221,4 +233,5 @@ def reference_grid(model: nn.Module, batch_groups: int, seq_groups: int) -> nn.M
 __all__ = [
     "Degrees", "RoutingGrid", "apply_pipeline", "attach_gradient_plan", "gpt_gradient_stream", "moe_layers",
     "parallelize_gpt", "pipeline_of", "reference_grid", "remove_pipeline", "shard_moe_layer",
+    "tensor_parallel_attention",
 ]

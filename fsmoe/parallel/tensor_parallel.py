@@ -1,7 +1,8 @@
 """Megatron-style tensor-parallel causal self-attention with sequence parallelism (MP).
 
 Legend: B batch, L sequence, l = L / N_MP this rank's sequence shard, D model dim, N heads,
-n = N / N_MP local heads, Dh head dim.
+n = N / N_MP local heads, G key/value heads, g = G / N_MP local key/value heads, Dh head dim,
+P = Dh / 2 rotary pairs.
 
 Between layers every MP rank holds its own sequence shard x_BlD (sequence parallelism), so layer norms,
 the MoE layer and the dense MLP run on l tokens per rank. Attention needs the whole sequence:
@@ -14,7 +15,15 @@ projection weights are sharded by head (their gradients are complete after the R
 adjoints, and are replicated only across the dense-DP group); the output bias is added after the
 ReduceScatter, so each rank's bias gradient covers its own tokens (replicated over the world).
 
-This module owns the MP attention module; its collectives come from :mod:`fsmoe.parallel.comm`.
+:class:`TensorParallelAttention` shards GPT-MoE's multi-head attention; :class:`TensorParallelGQA` shards
+the Mixtral model's grouped-query attention (no biases): rank r keeps query heads [r·n, (r+1)·n) and
+key/value heads [r·g, (r+1)·g), which are exactly the key/value heads its query heads read, since query
+head j reads key/value head j // (N / G). RoPE rotates after the AllGather, so it uses the global
+positions 0..L-1 of the gathered sequence, as the single-device attention does.
+
+This module owns the MP attention modules; their collectives come from :mod:`fsmoe.parallel.comm`. The
+attention math repeats the single-device modules' (:mod:`fsmoe.models` sits beside this package, not below
+it); the distributed-equals-single-process tests hold the two together.
 """
 
 from __future__ import annotations
@@ -68,3 +77,68 @@ class TensorParallelAttention(nn.Module):
         partial_BLD = self.proj(y_BnLh.transpose(1, 2).reshape(B, L, n * Dh))
         y_BlD = reduce_scatter(partial_BLD, self.group, dim=1) if self.mp > 1 else partial_BLD
         return y_BlD + self.proj_bias
+
+
+def _rope(x_BnLh: Tensor, theta: float) -> Tensor:
+    """RoPE at positions 0..L-1 (half-split pairs (x[p], x[p + P]); angle pos·θ^(-2p/Dh)), as the
+    single-device :func:`fsmoe.models.mixtral.apply_rope`."""
+    L, Dh = x_BnLh.shape[-2:]
+    inv_freq_P = theta ** (-torch.arange(0, Dh, 2, device=x_BnLh.device, dtype=torch.float32) / Dh)
+    angle_LP = torch.arange(L, device=x_BnLh.device, dtype=torch.float32)[:, None] * inv_freq_P
+    cos, sin = angle_LP.cos().to(x_BnLh.dtype), angle_LP.sin().to(x_BnLh.dtype)
+    x1, x2 = x_BnLh[..., : Dh // 2], x_BnLh[..., Dh // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class TensorParallelGQA(nn.Module):
+    """Holds query heads [mp_rank·n, (mp_rank+1)·n) and key/value heads [mp_rank·g, (mp_rank+1)·g) of a
+    grouped-query attention with fused ``qkv`` ((N + 2G)·Dh, D) laid out as [q heads | k heads | v heads]
+    and ``proj`` (D, N·Dh), no biases — the layout of :class:`fsmoe.models.mixtral.GroupedQueryAttention`.
+    ``forward(x_BlD) -> y_BlD`` on this rank's sequence shard."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float, dropout: float,
+        group: dist.ProcessGroup | None,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.mp = dist.get_world_size(group) if group is not None else 1
+        if n_heads % n_kv_heads or n_kv_heads % self.mp:
+            raise ValueError(
+                f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}, which must be divisible "
+                f"by the MP degree {self.mp}"
+            )
+        self.n_local, self.kv_local = n_heads // self.mp, n_kv_heads // self.mp
+        self.head_dim = d_model // n_heads
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.rope_theta = rope_theta
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, (self.n_local + 2 * self.kv_local) * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_local * self.head_dim, d_model, bias=False)
+        mark_replicas([self.qkv.weight, self.proj.weight], "dense_dp")
+
+    @torch.no_grad()
+    def load_shard(self, full: nn.Module, mp_rank: int) -> None:
+        """Copy this rank's heads from a single-device grouped-query attention with ``qkv`` and ``proj``."""
+        Dh, n, g = self.head_dim, self.n_local, self.kv_local
+        q0, k0, v0 = 0, self.n_heads * Dh, (self.n_heads + self.n_kv_heads) * Dh  # where each part's rows start
+        rows = torch.cat([
+            torch.arange(q0 + mp_rank * n * Dh, q0 + (mp_rank + 1) * n * Dh),
+            torch.arange(k0 + mp_rank * g * Dh, k0 + (mp_rank + 1) * g * Dh),
+            torch.arange(v0 + mp_rank * g * Dh, v0 + (mp_rank + 1) * g * Dh),
+        ])
+        self.qkv.weight.copy_(full.qkv.weight[rows])
+        self.proj.weight.copy_(full.proj.weight[:, mp_rank * n * Dh : (mp_rank + 1) * n * Dh])
+
+    def forward(self, x_BlD: Tensor) -> Tensor:
+        x_BLD = all_gather(x_BlD, self.group, dim=1) if self.mp > 1 else x_BlD
+        B, L, _ = x_BLD.shape
+        n, g, Dh = self.n_local, self.kv_local, self.head_dim
+        q, k, v = self.qkv(x_BLD).split([n * Dh, g * Dh, g * Dh], dim=-1)
+        q_BnLh = _rope(q.view(B, L, n, Dh).transpose(1, 2), self.rope_theta)
+        k_BgLh = _rope(k.view(B, L, g, Dh).transpose(1, 2), self.rope_theta)
+        v_BgLh = v.view(B, L, g, Dh).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        y_BnLh = F.scaled_dot_product_attention(q_BnLh, k_BgLh, v_BgLh, dropout_p=p, is_causal=True, enable_gqa=g != n)
+        partial_BLD = self.proj(y_BnLh.transpose(1, 2).reshape(B, L, n * Dh))
+        return reduce_scatter(partial_BLD, self.group, dim=1) if self.mp > 1 else partial_BLD

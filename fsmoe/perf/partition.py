@@ -45,7 +45,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fsmoe.config import JobConfig, ParallelConfig, ScheduleSpec
-from fsmoe.models.gpt_moe import GPTMoE
+from fsmoe.models import build_lm
 from fsmoe.parallel.grad_plan import TAIL, GradientPlan, StreamLayout, greedy_plan
 from fsmoe.parallel.grad_sync import REPLICA_ATTR, mark_replicas
 from fsmoe.parallel.parallelize import gpt_gradient_stream
@@ -73,7 +73,7 @@ class _SkipRandomInit(TorchFunctionMode):
 
 
 def rank_stream(job: JobConfig) -> StreamLayout:
-    """Rank 0's gradient stream for ``job`` without allocating the model: the single-device GPT-MoE on
+    """Rank 0's gradient stream for ``job`` without allocating the model: the single-device model on
     the meta device, its :func:`~fsmoe.parallel.parallelize.gpt_gradient_stream`, and each parameter cut
     as :func:`~fsmoe.parallel.parallelize.parallelize_gpt` cuts it — experts by their axis names (e/EP,
     H/ESP; rank 0 owns its ESP group's output bias), attention weights by MP — with its replica mark.
@@ -81,7 +81,7 @@ def rank_stream(job: JobConfig) -> StreamLayout:
     :class:`~fsmoe.parallel.grad_plan.PlannedGradSync` accept it; the real model's stream has the same
     bytes per slot."""
     with torch.device("meta"), _SkipRandomInit():
-        full = GPTMoE(job.model)
+        full = build_lm(job.model)
     layout = gpt_gradient_stream(full)
     par = job.parallel
     params = []

@@ -72,7 +72,9 @@ from torch import Tensor, nn
 
 from fsmoe.cluster import EmulatedCluster, EmulatedClusterSpec, LocalCluster, open_cluster, report_progress
 from fsmoe.config import JobConfig, MoEConfig, parse_rate
-from fsmoe.models.gpt_moe import CausalSelfAttention, GPTMoE
+from fsmoe.models import build_lm
+from fsmoe.models.gpt_moe import CausalSelfAttention
+from fsmoe.models.mixtral import GroupedQueryAttention
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import Experts, build_experts
 from fsmoe.moe.gates import build_gate
@@ -80,7 +82,7 @@ from fsmoe.moe.order import build_order
 from fsmoe.parallel.comm import all_reduce_
 from fsmoe.parallel.dims import ParallelDims, ProcessGroups, build_groups
 from fsmoe.parallel.dispatch import build_dispatcher
-from fsmoe.parallel.tensor_parallel import TensorParallelAttention
+from fsmoe.parallel.parallelize import tensor_parallel_attention
 from fsmoe.perf.costs import COLLECTIVES, COMPUTE, ZERO, Costs, Linear
 from fsmoe.perf.fit import (
     ComputeBeside,
@@ -154,11 +156,10 @@ def _expert_gemms(expert: str) -> int:
 
 def _dense_grad_bytes(job: JobConfig) -> int:
     """Bytes of the dense gradient all-reduced per step: every parameter but the experts', attention
-    weights divided over the MP shards. Counted on the model built with one-wide experts (a model on the
-    meta device would do, but its first initialisation imports for a second)."""
-    m = job.model
-    with torch.random.fork_rng(devices=[]):
-        model = GPTMoE(dataclasses.replace(m, moe=dataclasses.replace(m.moe, d_hidden=1)))
+    weights divided over the MP shards. Counted on the model built on the meta device (no memory, so a
+    paper-sized preset costs nothing)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build_lm(job.model)
     mp = job.parallel.mp
     numel = sum(p.numel() // (mp if ".attn." in name else 1) for name, p in model.named_parameters()
                 if ".experts." not in name)
@@ -211,10 +212,14 @@ class _Workloads:
                                               owns_output_bias=self.disp.owns_output_bias)
         self.gate, self.order = build_gate(m.moe, s.d_model), build_order(m.moe.order)
         self.gate.train()
-        attn: nn.Module = CausalSelfAttention(s.d_model, m.n_heads, 0.0, 0.02)
         if groups is not None and par.mp > 1:
-            attn = TensorParallelAttention(s.d_model, m.n_heads, 0.0, groups.group("mp"))
-        self.dense = nn.ModuleDict({"ln1": nn.LayerNorm(s.d_model), "attn": attn, "ln2": nn.LayerNorm(s.d_model)})
+            attn = tensor_parallel_attention(m, groups.group("mp"))
+        elif m.arch == "mixtral":
+            attn = GroupedQueryAttention(s.d_model, m.n_heads, m.kv_heads, m.rope_theta, 0.0, 0.02)
+        else:
+            attn = CausalSelfAttention(s.d_model, m.n_heads, 0.0, 0.02)
+        norm = nn.RMSNorm if m.arch == "mixtral" else nn.LayerNorm
+        self.dense = nn.ModuleDict({"ln1": norm(s.d_model), "attn": attn, "ln2": norm(s.d_model)})
         self._inputs: dict[int, Tensor] = {}
 
     def _expert_input(self, c: int) -> Tensor:
