@@ -429,13 +429,17 @@ class TrainConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class DataConfig:
-    """Where the bytes come from. ``path=None`` means the embedded standard-library corpus, cut at
-    ``max_bytes``; a user file is read whole. The last ``val_fraction`` is the validation split."""
+    """Where the tokens come from. ``path=None`` means the embedded standard-library corpus (bytes), cut at
+    ``max_bytes``; a text file is read whole (bytes); a ``.bin`` token file, or a directory of ``train.bin``
+    + ``val.bin`` with their ``meta.json``, is memory-mapped (:mod:`fsmoe.train.data`). The last
+    ``val_fraction`` is the validation split (a token directory uses its ``val.bin``)."""
 
-    path: str | None = opt(None, "a text file to train on (none: the embedded Python stdlib corpus)",
+    path: str | None = opt(None, "a text file, a .bin token file, or a directory of train.bin + val.bin + meta.json "
+                           "(none: the embedded Python stdlib corpus)",
                            flag="--data", parse=optional_parser(str))
     max_bytes: int = opt(8_000_000, "bytes of the embedded corpus to load", flag="--data-bytes", parse=int)
-    val_fraction: float = opt(0.05, "share of the bytes held out for validation", parse=float)
+    val_fraction: float = opt(0.05, "share of the data held out for validation (a token directory uses its val.bin)",
+                              parse=float)
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_bytes")

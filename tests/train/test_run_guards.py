@@ -92,7 +92,7 @@ def test_a_bad_gradient_plan_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_binary_data_is_warned_about_and_short_data_refused(tmp_path: Path) -> None:
-    binary = tmp_path / "data.bin"
+    binary = tmp_path / "data.dat"
     binary.write_bytes(bytes(range(256)) * 64)
     with pytest.warns(UserWarning, match="does not look like text"):
         check_data(DataConfig(path=str(binary)), seq_len=32)
