@@ -295,7 +295,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("reproduce",), "the paper's experiments, simulated, beside the paper's numbers (markdown + plots)",
             "Simulate the paper's experiments (Tables 2, 5, 6; Figs. 6, 7; the forward/backward degree count; a "
             "scale study) and write a report to --out that puts each paper result beside ours with the difference.",
-            SIM_SECTIONS, _lazy("fsmoe.sim.commands.handle_reproduce")),
+            ("run",), _lazy("fsmoe.sim.commands.handle_reproduce")),
     Command(("report",), "loss curves, expert-load heat map and a summary of a training run",
             "Read RUN_DIR (metrics.jsonl, job.toml, summary.json; the run may still be going) and write "
             "RUN_DIR/report/: loss curves (train and validation) and the per-layer expert-load heat map as PNG, "

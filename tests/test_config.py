@@ -108,7 +108,7 @@ def test_defaults_are_the_recipes_and_the_recipes_differ_only_where_documented()
     for name, recipe in RECIPES.items():
         job = recipe()
         changed = {k for k in SPECS if get_value(job, k) != get_value(base, k)}
-        if name in ("simulate", "reproduce"):
+        if name == "simulate":
             assert job.model == model_preset(job.model.name) and job.model.name != base.model.name
             changed = {k for k in changed if k.partition(".")[0] not in ("model", "moe")}
         assert changed <= allowed, (name, changed - allowed)

@@ -8,8 +8,10 @@ C capacity, r pipeline degree, K degree pairs (r_fwd, r_bwd).
   :func:`fsmoe.perf.model.pass_tasks` and :func:`~fsmoe.schedule.schedules.lanes_for`) with the runtime's
   semantics — compute in list order, each communication lane FIFO, a task starting when its lane is free
   and its dependencies are done — on arrays of durations: the same max-plus recurrence as
-  :func:`fsmoe.perf.model.play`, once for all N layers. Collectives take their *idle* lines (contention is
-  not modelled: the paper's constants have no busy lines).
+  :func:`fsmoe.perf.model.play`, once for all N layers. Collectives take their idle lines; where the costs
+  also have *busy* lines (a profile of this machine: collectives measured beside compute) each one's
+  overlap with compute is found by replaying, as :func:`fsmoe.perf.model.play_contended` does
+  (:func:`contended_durations`). The paper's constants have no busy lines.
 * :func:`layer_tables` plays forward and backward of every degree pair (C padded to lcm(r_fwd, r_bwd)),
   backward as a :class:`~fsmoe.perf.model.GarResponse` (A without the GAR slice, B through it), sharing
   plays between schedules with the same lists.
@@ -30,6 +32,7 @@ multiplies it by each layer's GEMM count. Dense lines are per MAC.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ import numpy as np
 
 from fsmoe.config import ScheduleSpec
 from fsmoe.perf.costs import Costs, Linear
-from fsmoe.perf.model import KIND_OP, degree_pairs, pass_tasks
+from fsmoe.perf.model import CONTENTION_PLAYS, CONTENTION_TOL, KIND_OP, degree_pairs, pass_tasks
 from fsmoe.schedule.ir import Task
 from fsmoe.schedule.schedules import lanes_for
 from fsmoe.sim.presets import FP32_BYTES, Layout
@@ -111,36 +114,100 @@ def _chunk(line: Linear, n: Array, r: int, alpha_scale: Array | float = 1.0) -> 
     return np.where(n > 0, line.alpha_s * alpha_scale + line.beta_s * n / r, 0.0)
 
 
-def chunk_durations(batch: LayerBatch, costs: Costs, r: int, pad: int) -> dict[str, Array]:
+def chunk_durations(batch: LayerBatch, costs: Costs, r: int, pad: int, *, busy: bool = False) -> dict[str, Array]:
     """Per-chunk time of each operation (``a2a``, ``ag``, ``rs``, ``expert_fwd``, ``expert_bwd``) at degree
-    ``r`` with C padded to a multiple of ``pad``, in the shapes of :class:`fsmoe.perf.model.LayerWork`."""
+    ``r`` with C padded to a multiple of ``pad``, in the shapes of :class:`fsmoe.perf.model.LayerWork`;
+    ``busy``: the collectives' lines measured beside compute (where the costs have them)."""
     ecd = (batch.experts * batch.padded(pad) * batch.d_model).astype(float)
     n_a2a = ecd * FP32_BYTES if batch.ep > 1 else np.zeros_like(ecd)
     n_ag = batch.esp * ecd * FP32_BYTES if batch.esp > 1 else np.zeros_like(ecd)
     n_exp = batch.gemms * ecd * batch.d_hidden
-    return {"a2a": _chunk(costs.op("a2a"), n_a2a, r), "ag": _chunk(costs.op("ag"), n_ag, r),
-            "rs": _chunk(costs.op("rs"), n_ag, r),
+    return {"a2a": _chunk(costs.op("a2a", busy=busy), n_a2a, r), "ag": _chunk(costs.op("ag", busy=busy), n_ag, r),
+            "rs": _chunk(costs.op("rs", busy=busy), n_ag, r),
             "expert_fwd": _chunk(costs.op("expert_fwd"), n_exp, r, batch.gemms.astype(float)),
             "expert_bwd": _chunk(costs.op("expert_bwd"), n_exp, r, batch.gemms.astype(float))}
 
 
-def play_batch(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: Mapping[str, Array],
-               gar_s: Array | float = 0.0) -> Array:
-    """The makespan of ``tasks`` for every layer: start = max(lane free, ends of deps), end = start +
-    duration (the task kind's operation in ``op_s``, :data:`fsmoe.perf.model.KIND_OP`; ``gar`` takes
-    ``gar_s``) — :func:`fsmoe.perf.model.play` on arrays."""
+Spans = dict[tuple[str, int], tuple[Array, Array]]
+
+
+def play_spans(tasks: Sequence[Task], lanes: Mapping[str, str],
+               durations: Mapping[tuple[str, int], Array | float]) -> Spans:
+    """(start, end) of every task for every layer, as the runtime runs them: compute in list order, each
+    communication lane FIFO, start = max(lane free, ends of deps) — :func:`fsmoe.perf.model.play` on arrays."""
     free: dict[str, Array | float] = {}
-    end: dict[tuple[str, int], Array | float] = {}
-    span: Array | float = 0.0
+    spans: Spans = {}
     for t in tasks:
         lane = "compute" if t.channel == "compute" else lanes[t.channel]
         start = free.get(lane, 0.0)
         for d in t.deps:
-            start = np.maximum(start, end[d])
-        stop = start + (gar_s if t.kind == "gar" else op_s[KIND_OP[t.kind][0]])
-        free[lane] = end[t.key] = stop
-        span = np.maximum(span, stop)
-    return np.asarray(span, dtype=float)
+            start = np.maximum(start, spans[d][1])
+        stop = start + durations[t.key]
+        free[lane] = stop
+        spans[t.key] = (np.asarray(start, dtype=float), np.asarray(stop, dtype=float))
+    return spans
+
+
+def makespan(spans: Spans) -> Array:
+    return np.asarray(functools.reduce(np.maximum, (e for _, e in spans.values()), 0.0), dtype=float)
+
+
+def contended(lo: Array, hi: Array, d: Array, covered: Array, inside: Array) -> Array:
+    """:func:`fsmoe.perf.model.contended_duration` on arrays: the duration x = lo + (overlap(x)/x)·(hi − lo)
+    of a collective that lasted ``d`` with ``covered`` seconds beside compute, its overlap extended linearly
+    from its current end (slope 1 when the end lies ``inside`` a compute task), within [lo, hi]."""
+    k = hi - lo
+    m = inside.astype(float)
+    b, c = lo + k * m, k * (covered - m * d)
+    disc = b * b + 4 * c
+    safe_d = np.where(d > 0, d, 1.0)
+    x = np.where(disc >= 0, (b + np.sqrt(np.maximum(disc, 0.0))) / 2, lo + covered / safe_d * k)
+    return np.where((k <= 0) | (d <= 0), lo, np.clip(x, lo, np.maximum(hi, lo)))
+
+
+def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: Mapping[str, Array],
+                        gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None
+                        ) -> dict[tuple[str, int], Array | float]:
+    """Every task's duration per layer: the task kind's operation in ``op_s`` (:data:`fsmoe.perf.model.KIND_OP`;
+    ``gar`` takes ``gar_s``). With ``busy_s`` (the collectives beside compute) each communication task's is
+    then found as :func:`fsmoe.perf.model.play_contended` finds it: after each play it takes
+    :func:`contended` against that play's compute spans, replayed until no duration of a layer moves by
+    more than ``CONTENTION_TOL`` of its makespan, at most ``CONTENTION_PLAYS`` plays; a layer that has
+    settled keeps its durations, so each row is played exactly as alone. ``gar`` is not contended."""
+    durations: dict[tuple[str, int], Array | float] = {
+        t.key: (gar_s if t.kind == "gar" else op_s[KIND_OP[t.kind][0]]) for t in tasks}
+    if busy_s is None:
+        return durations
+    lo = dict(durations)
+    comm = [t for t in tasks if t.channel != "compute" and t.kind != "gar"]
+    spans = play_spans(tasks, lanes, durations)
+    active: Array | bool = True
+    for _ in range(CONTENTION_PLAYS - 1):
+        compute = [spans[t.key] for t in tasks if t.channel == "compute"]
+        new = dict(durations)
+        moved: Array | float = 0.0
+        for t in comm:
+            s, e = spans[t.key]
+            covered = sum((np.maximum(0.0, np.minimum(e, ce) - np.maximum(s, cs)) for cs, ce in compute),
+                          np.zeros_like(s))
+            inside = functools.reduce(np.logical_or, ((cs < e) & (e < ce) for cs, ce in compute),
+                                      np.zeros_like(s, dtype=bool))
+            new[t.key] = contended(np.asarray(lo[t.key], dtype=float), busy_s[KIND_OP[t.kind][0]], e - s, covered,
+                                   inside)
+            moved = np.maximum(moved, np.abs(new[t.key] - durations[t.key]))
+        active = active & (moved > CONTENTION_TOL * makespan(spans))
+        if not np.any(active):
+            break
+        durations = {k: np.where(active, new[k], durations[k]) for k in durations}
+        spans = play_spans(tasks, lanes, durations)
+    return durations
+
+
+def play_batch(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: Mapping[str, Array],
+               gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None) -> Array:
+    """The makespan of ``tasks`` for every layer with :func:`contended_durations` (without ``busy_s``: the
+    idle lines, :func:`fsmoe.perf.model.play`; with it: :func:`fsmoe.perf.model.play_contended`)."""
+    return makespan(play_spans(tasks, lanes, contended_durations(tasks, lanes, op_s, gar_s, busy_s)))
 
 
 @dataclass(kw_only=True, frozen=True, eq=False)
@@ -172,21 +239,27 @@ def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: 
             key = (spec.separate_channels, r, pad, backward, backward and spec.gar_in_moe)
             if key not in cache:
                 op_s = chunk_durations(batch, costs, r, pad)
-                base = play_batch(pass_tasks(spec, r, backward=backward), lanes, op_s)
+                busy_s = chunk_durations(batch, costs, r, pad, busy=True) if costs.busy else None
+                tasks = pass_tasks(spec, r, backward=backward)
+                durations = contended_durations(tasks, lanes, op_s, busy_s=busy_s)
+                base = makespan(play_spans(tasks, lanes, durations))
                 b = np.full(len(batch), -np.inf)
                 if key[-1]:
                     big = 2.0 * base + 1.0
-                    b = play_batch(pass_tasks(spec, r, backward=True, with_gar=True), lanes, op_s, big) - big
-                cache[key] = (base, b, op_s)
+                    b = play_batch(pass_tasks(spec, r, backward=True, with_gar=True), lanes, op_s, big, busy_s) - big
+                summed: dict[str, Array] = {}
+                for t in tasks:
+                    op = KIND_OP[t.kind][0]
+                    summed[op] = summed.get(op, 0.0) + durations[t.key]
+                cache[key] = (base, b, summed)
             out.append(cache[key])
         (f, _, of), (a, b, ob) = out
         F.append(f)
         A.append(a)
         B.append(b)
-        busy["a2a"].append(2 * rf * of["a2a"] + 2 * rb * ob["a2a"])
-        busy["ag"].append(rf * of["ag"] + rb * ob["ag"])
-        busy["rs"].append(rf * of["rs"] + rb * ob["rs"])
-        busy["expert"].append(rf * of["expert_fwd"] + rb * ob["expert_bwd"])
+        for kind, ops in (("a2a", ("a2a",)), ("ag", ("ag",)), ("rs", ("rs",)),
+                          ("expert", ("expert_fwd", "expert_bwd"))):
+            busy[kind].append(sum((d.get(op, 0.0) for d in (of, ob) for op in ops), np.zeros(len(batch))))
     return LayerTables(pairs=pairs, F=np.array(F), A=np.array(A), B=np.array(B),
                        busy={k: np.array(v) for k, v in busy.items()})
 
@@ -263,8 +336,11 @@ def gar_time(line: Linear, n: Array, chunk: int | None = None) -> Array:
 
 def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, grad_bytes: Array,
                    costs: Costs) -> LayerResult:
-    """``spec``'s generalized layer with ``grad_bytes`` to all-reduce in its backward (module docstring)."""
+    """``spec``'s generalized layer with ``grad_bytes`` to all-reduce in its backward (module docstring). A
+    slice in the MoE block's slot overlaps the experts and takes the GAR's busy line (the idle one where the
+    costs have none, as the paper's presets); beside the dense backward and exposed, the idle line."""
     line = costs.op("gar")
+    slot = costs.op("gar", busy=True)
     n = np.asarray(grad_bytes, dtype=float)
     N = len(n)
     cols = np.arange(N)
@@ -273,15 +349,15 @@ def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, g
     zero = np.zeros(N)
     if spec.independent_degrees:  # fsmoe, fsmoe_no_iio: split x bytes into the MoE slot, the rest dense
 
-        def inv(t: Array) -> Array:  # the bytes that take t seconds (the paper's g_grad^inv)
+        def inv(line: Linear, t: Array) -> Array:  # the bytes that take t seconds (the paper's g_grad^inv)
             return np.maximum(t - line.alpha_s, 0.0) / line.beta_s if line.beta_s > 0 else np.zeros_like(t)
 
-        cands = [zero, n, n - inv(dense.bwd_s)] + [inv(A[k] - B[k]) for k in range(len(tables.pairs))]
+        cands = [zero, n, n - inv(line, dense.bwd_s)] + [inv(slot, A[k] - B[k]) for k in range(len(tables.pairs))]
         best_t = np.full(N, np.inf)
         k, t_in, t_dense, exposed = np.zeros(N, dtype=int), zero, zero, zero
         for x in cands:
             x = np.clip(np.nan_to_num(x, nan=0.0, posinf=0.0), 0.0, n)
-            x_in, x_dense = gar_time(line, x), gar_time(line, n - x)
+            x_in, x_dense = gar_time(slot, x), gar_time(line, n - x)
             tot = F + np.maximum(A, B + x_in[None, :])  # (K, N)
             kx = np.argmin(tot, axis=0)
             x_exposed = np.maximum(x_dense - dense.bwd_s, 0.0)
@@ -292,7 +368,7 @@ def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, g
             t_dense, exposed = np.where(better, x_dense, t_dense), np.where(better, x_exposed, exposed)
         block_b = np.maximum(A[k, cols], B[k, cols] + t_in)
     elif spec.gar_in_moe:  # lina: everything in the MoE backward, in fixed chunks
-        t_in = gar_time(line, n, spec.gar_chunk_bytes)
+        t_in = gar_time(slot, n, spec.gar_chunk_bytes)
         tot = F + np.maximum(A, B + t_in[None, :])
         k = np.argmin(tot, axis=0)
         block_b = np.maximum(A[k, cols], B[k, cols] + t_in)

@@ -13,10 +13,12 @@ at every degree pair the schedule allows — and composed as the backward runs i
 
 iteration = (L − 1)·(fwd + bwd of a block hiding a gradient) + (fwd + bwd of the last block) + tail GAR.
 
-Not modelled: embeddings, the LM head, the loss, the optimizer step, contention between collectives and
-compute (idle lines only). :func:`simulate` returns per schedule the iteration time, a breakdown by task
-kind (summed task time, so overlapped work counts in full, as paper Table 2), the speedup over ``tutel``
-and the degrees chosen per block.
+Not modelled: embeddings, the LM head, the loss, the optimizer step; contention between collectives and
+compute only where the costs have busy lines (profiles of this machine; the paper's presets have none).
+:func:`simulate` returns per schedule the iteration time, a breakdown by task kind (summed task time, so
+overlapped work counts in full, as paper Table 2), the speedup over ``tutel`` and the degrees chosen per
+block: the best (r_fwd, r_bwd) of every pair played exactly, which is the planner's choice (its exhaustive
+evaluation step) for a layer without a gradient to hide (tests/sim/test_engine.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fsmoe.sim.engine import LayerBatch, dense_times, gar_time, layer_tables, sc
 from fsmoe.sim.presets import Layout
 
 BASELINE = "tutel"
+BREAKDOWN = ("a2a", "ag", "rs", "expert", "attention", "mp_comm", "gate", "gar", "gar_exposed")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -62,19 +65,30 @@ class Simulation:
         raise KeyError(f"no run of {schedule!r}; have {', '.join(r.schedule for r in self.runs)}")
 
     def table(self) -> str:
-        """A text table: one row per schedule (ms), then the degrees."""
+        """A text table: one row per schedule (ms; the breakdown sums task time, so overlapped work counts in
+        full), then each schedule's (r_fwd, r_bwd) per block as runs of equal blocks."""
         lay = self.layout
-        kinds = ("a2a", "ag", "rs", "expert", "attention", "gar_exposed")
-        lines = [f"{lay.model.name} on {lay.cluster.name}: {lay.cluster.world} GPUs, E={lay.experts}, EP={lay.ep}, "
-                 f"ESP={lay.esp}, MP={lay.mp}, T={lay.tokens} tokens/rank, {lay.model.n_layers} blocks",
-                 f"{'schedule':<15}{'iter ms':>10}{'speedup':>9}" + "".join(f"{k:>12}" for k in kinds)
-                 + "  r_fwd/r_bwd"]
+        lines = [f"{lay.model.name} on {lay.cluster.name}: {lay.cluster.world} GPUs ({lay.cluster.nodes} x "
+                 f"{lay.cluster.gpus_per_node}), E={lay.experts}, EP={lay.ep}, ESP={lay.esp}, MP={lay.mp}, "
+                 f"T={lay.tokens} tokens/rank, {lay.model.n_layers} blocks",
+                 f"{'schedule':<15}{'iter ms':>10}{'vs tutel':>9}" + "".join(f"{k:>12}" for k in BREAKDOWN)]
         for r in self.runs:
-            degrees = sorted(set(r.degrees))
             lines.append(f"{r.schedule:<15}{r.iteration_s * 1e3:>10.2f}{r.speedup_vs_tutel:>8.3f}x"
-                         + "".join(f"{r.breakdown_s[k] * 1e3:>12.2f}" for k in kinds)
-                         + "  " + ", ".join(f"{f}/{b}" for f, b in degrees))
+                         + "".join(f"{r.breakdown_s[k] * 1e3:>12.2f}" for k in BREAKDOWN))
+        lines.append("(r_fwd, r_bwd) per block:")
+        lines += [f"  {r.schedule:<15}{degree_runs(r.degrees)}" for r in self.runs]
         return "\n".join(lines)
+
+
+def degree_runs(degrees: Sequence[tuple[int, int]]) -> str:
+    """``blocks 0-5: 4/4, block 6: 4/1``: (r_fwd, r_bwd) per block, runs of equal blocks merged."""
+    parts, start = [], 0
+    for i in range(1, len(degrees) + 1):
+        if i == len(degrees) or degrees[i] != degrees[start]:
+            where = f"block {start}" if i - 1 == start else f"blocks {start}-{i - 1}"
+            parts.append(f"{where}: {degrees[start][0]}/{degrees[start][1]}")
+            start = i
+    return ", ".join(parts)
 
 
 def simulate(layout: Layout, schedules: Sequence[str] = tuple(SCHEDULES)) -> Simulation:
@@ -114,4 +128,4 @@ def simulate(layout: Layout, schedules: Sequence[str] = tuple(SCHEDULES)) -> Sim
     return Simulation(layout=layout, runs=runs)
 
 
-__all__ = ["BASELINE", "ScheduleRun", "Simulation", "simulate"]
+__all__ = ["BASELINE", "BREAKDOWN", "ScheduleRun", "Simulation", "degree_runs", "simulate"]

@@ -202,3 +202,44 @@ def test_fsmoe_split_is_the_exact_minimum(seed: int) -> None:
 def test_capacity_is_exact_and_clamped() -> None:
     T, E = np.array([100, 64, 64, 3]), np.array([2, 4, 4, 8])
     assert capacity(T, E, 2, [1.1, 1.2, None, 2.4]).tolist() == [110 if 110 <= 100 else 100, 39, 32, 2]
+
+
+# --- contention: busy lines played as the planner's evaluator plays them ----------------------------------------
+def _with_busy(costs: Costs, factor: float) -> Costs:
+    """``costs`` whose collectives are ``factor`` times slower beside compute (busy lines)."""
+    return Costs(ops=costs.ops, busy={op: costs.op(op).scaled(factor) for op in ("a2a", "ag", "rs")})
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("totals", [dict(a2a=3, ag=1, exp_fwd=2, alpha=0.05),
+                                    dict(a2a=1, ag=0.5, exp_fwd=8, alpha=0.01)])
+def test_engine_with_busy_lines_equals_play_contended(name: str, totals: dict) -> None:
+    """With busy lines the engine finds each collective's overlap by replaying (the contention model of
+    :func:`fsmoe.perf.model.play_contended`): every pair's forward and backward equal play_pass, and the
+    GAR slot's response equals the evaluator's at both ends."""
+    spec = get_schedule(name)
+    costs = _with_busy(costs_for(**totals), 1.8)
+    per_gemm = Costs(ops={**costs.ops, **{op: Linear(alpha_s=costs.op(op).alpha_s / 2, beta_s=costs.op(op).beta_s)
+                                          for op in ("expert_fwd", "expert_bwd")}}, busy=costs.busy)
+    tables = layer_tables(spec, batch_of(WORK), per_gemm)
+    idle = layer_tables(spec, batch_of(WORK), Costs(ops=per_gemm.ops))
+    for k, (rf, rb) in enumerate(tables.pairs):
+        w = padded_for(WORK, rf, rb)
+        assert tables.F[k, 0] == pytest.approx(play_pass(spec, w, costs, rf, backward=False).makespan_s, rel=REL)
+        assert tables.A[k, 0] == pytest.approx(play_pass(spec, w, costs, rb, backward=True).makespan_s, rel=REL)
+        assert tables.F[k, 0] >= idle.F[k, 0] - 1e-12  # contention only slows
+        if max(rf, rb) > 1 and spec.pipelined:
+            assert tables.busy["a2a"][k, 0] >= idle.busy["a2a"][k, 0]
+    if spec.pipelined:
+        assert np.any(tables.busy["a2a"] > idle.busy["a2a"] * (1 + 1e-9)), "no AlltoAll overlapped compute"
+
+
+def test_contended_rows_are_played_alone() -> None:
+    """Rows settle after different numbers of plays; each equals its own one-row play."""
+    costs = _with_busy(costs_for(a2a=3, ag=1, exp_fwd=2, alpha=0.05), 2.0)
+    two = LayerBatch(**{**batch_of(WORK, rows=2).__dict__, "d_hidden": np.array([16, 64])})
+    both = layer_tables(FSMOE, two, costs)
+    for row, h in enumerate((16, 64)):
+        alone = layer_tables(FSMOE, LayerBatch(**{**batch_of(WORK).__dict__, "d_hidden": np.array([h])}), costs)
+        assert np.allclose(both.F[:, row], alone.F[:, 0], rtol=REL, atol=0)
+        assert np.allclose(both.A[:, row], alone.A[:, 0], rtol=REL, atol=0)

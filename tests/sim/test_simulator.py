@@ -15,12 +15,13 @@ from fsmoe.sim.grid import (
     GridReport,
     grid_batch,
     grid_configs,
+    run_grid,
     run_testbed,
 )
 from fsmoe.sim.presets import model_preset, paper_layout
 from fsmoe.sim.presets import testbed_a as tb_a
 from fsmoe.sim.presets import testbed_b as tb_b
-from fsmoe.sim.simulator import simulate
+from fsmoe.sim.simulator import degree_runs, simulate
 
 REL = 1e-9
 
@@ -106,3 +107,20 @@ def test_table5_report_puts_the_paper_beside_ours() -> None:
     assert [(r[0], r[1], r[2]) for r in rows] == [("testbed-b", s, p) for s, p in PAPER_TABLE5["testbed-b"].items()]
     assert all(r[4] == pytest.approx(r[3] - r[2]) for r in rows)
     assert "912 of 1458" in report.text() and "0.50 s" in report.text()
+
+
+def test_the_full_grid_on_both_testbeds_is_deterministic() -> None:
+    """All 1,458 configs x 6 schedules on A and B, twice: equal times and pairs."""
+    one, two = run_grid(), run_grid()
+    for a, b in zip(one.testbeds, two.testbeds, strict=True):
+        assert len(a.configs) == 1458
+        for name in SCHEDULES:
+            assert np.array_equal(a.results[name].total_s, b.results[name].total_s)
+            assert np.array_equal(a.results[name].pair, b.results[name].pair)
+    assert one.table5() == two.table5()
+
+
+def test_degree_runs_merge_equal_blocks() -> None:
+    assert degree_runs([(4, 1)] * 6 + [(4, 4)]) == "blocks 0-5: 4/1, block 6: 4/4"
+    assert degree_runs([(1, 1)]) == "block 0: 1/1"
+    assert degree_runs([(2, 2), (1, 1), (2, 2)]) == "block 0: 2/2, block 1: 1/1, block 2: 2/2"
