@@ -105,7 +105,7 @@ def check_train_job(job: JobConfig) -> None:
         from fsmoe.train.data import check_data
         from fsmoe.train.trainer import prepare_run_dir
 
-        check_data(job.data, job.model.seq_len)
+        check_data(job.data, job.model.seq_len, job.model.vocab_size)
         prepare_run_dir(job)
 
 

@@ -30,11 +30,16 @@ from fsmoe.moe.order import Order, build_order
 
 @dataclass(kw_only=True, frozen=True)
 class MoEStats:
-    """Per-forward statistics of one MoE layer."""
+    """Per-forward statistics of one MoE layer (of this rank's routing group).
+
+    ``expert_load_E``: the (token, expert) assignments each of the E experts kept after capacity, i.e.
+    its filled slots (SoftMoE fills none: every slot mixes all tokens); a tensor, read only when
+    logging. None from wrappers that do not count it."""
 
     aux_loss: Tensor
     num_dropped: Tensor
     num_assignments: int
+    expert_load_E: Tensor | None = None
 
     @property
     def dropped_fraction(self) -> float:
@@ -162,6 +167,7 @@ class MoELayer(nn.Module):
         y_TD = hooks("before_moe_end", self.order.iorder(y_ECD, routing))
         self.last_routing = routing
         self.last_stats = MoEStats(
-            aux_loss=routing.aux_loss, num_dropped=routing.num_dropped, num_assignments=routing.num_assignments
+            aux_loss=routing.aux_loss, num_dropped=routing.num_dropped, num_assignments=routing.num_assignments,
+            expert_load_E=(routing.token_EC < routing.num_tokens).sum(1),
         )
         return y_TD.view(x.shape)

@@ -1,7 +1,9 @@
-"""Training: embedded byte-level data, a seeded batch sampler, the trainer and the distributed glue.
+"""Training: embedded byte-level data, a seeded batch sampler, the trainer, layout-free checkpoints and the
+distributed glue.
 
 The job it runs is a :class:`fsmoe.config.JobConfig`."""
 
+from fsmoe.train.checkpoint import Checkpoint, check_resume, load_checkpoint, read_checkpoint, save_checkpoint
 from fsmoe.train.data import (
     BatchSampler,
     Corpus,
@@ -14,6 +16,7 @@ from fsmoe.train.data import (
 from fsmoe.train.trainer import TrainResult, build_optimizer, evaluate, lr_at, run_train
 
 __all__ = [
-    "BatchSampler", "Corpus", "DataError", "TrainResult", "build_optimizer", "evaluate", "load_corpus", "lr_at",
-    "run_train", "split_bytes", "stdlib_corpus", "stdlib_source_files",
+    "BatchSampler", "Checkpoint", "Corpus", "DataError", "TrainResult", "build_optimizer", "check_resume", "evaluate",
+    "load_checkpoint", "load_corpus", "lr_at", "read_checkpoint", "run_train", "save_checkpoint", "split_bytes",
+    "stdlib_corpus", "stdlib_source_files",
 ]

@@ -1,12 +1,30 @@
-"""Training of :class:`~fsmoe.models.gpt_moe.GPTMoE` on one process or on every launched rank:
+"""Training of a language model (:func:`fsmoe.models.build_lm`) on one process or on every launched rank:
 ``run_train(JobConfig) -> TrainResult``.
 
 The objective is the language-model loss plus the MoE layers' aux losses (already weighted by each
 layer's ``MoEConfig`` coefficients). AdamW with linear warmup and cosine decay to ``min_lr_ratio · lr``.
-Every ``log_every`` steps (and at the first and last step) one progress line is printed and one JSON
-object appended to ``<out>/metrics.jsonl``; the validation loss at the end goes to the result and to
-``<out>/summary.json``; the resolved job goes to ``<out>/job.toml`` (``--config`` reads it back).
-Syncing reads (``.item()``, ``dropped_fraction``) happen only at those logging points.
+
+What a run writes in ``<out>``: the resolved job (``job.toml``; ``--config`` reads it back), ``status.json``,
+``summary.json`` at the end, and ``metrics.jsonl``, one JSON object per line:
+
+* every ``log_every`` steps (and at the first and last step) a training record, ``"kind": "train"``:
+  ``step``, ``loss`` (the mean over the logging interval), ``loss_steps``, ``aux_loss``,
+  ``dropped_fraction`` (the mean over ranks of each rank's dropped share), ``lr``, ``tokens_per_s``,
+  ``elapsed_s``, and of the interval's last step ``expert_load`` (per MoE layer, the assignments each
+  expert kept after capacity, summed over ranks) and ``dropped_per_layer`` (per MoE layer, the dropped
+  share of all ranks' assignments);
+* every ``eval_every`` steps and at the end a validation record, ``{"kind": "val", "step", "val_loss",
+  "val_ppl"}``: the mean LM loss over ``eval_iters`` held-out batches (the same batches every time) and
+  its exponential.
+
+One progress line per training record, or (``run.progress``: ``bar``, or ``auto`` on a terminal) a tqdm
+bar over the steps on the main rank. Syncing reads (``.item()``, the logged sums over ranks) happen only
+at those logging points.
+
+Checkpoints (:mod:`fsmoe.train.checkpoint`): every ``save_every`` steps and at the last step, in
+``<out>/checkpoints``. ``train.resume`` continues a checkpoint's run exactly (step, LR schedule,
+optimizer, every rank's RNG, data position), under any layout; resuming into the run directory that
+holds the checkpoint appends to its ``metrics.jsonl`` (after dropping records of later steps).
 """
 
 from __future__ import annotations
@@ -15,6 +33,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -25,10 +45,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from fsmoe.config import JobConfig, ScheduleConfig, TrainConfig, dump_toml, get_schedule
 from fsmoe.models import build_lm
-from fsmoe.models.gpt_moe import GPTMoE, ModelOutput
+from fsmoe.models.gpt_moe import ModelOutput, MoELanguageModel
 from fsmoe.moe.layer import MoEStats
 from fsmoe.parallel.dims import config_hash_check
 from fsmoe.parallel.grad_plan import PlannedGradSync, greedy_plan, parse_plan
@@ -41,7 +62,15 @@ from fsmoe.parallel.parallelize import (
     pipeline_of,
 )
 from fsmoe.schedule.runtime import Runtime, chrome_trace
-from fsmoe.train.data import BatchSampler, load_corpus
+from fsmoe.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    ShardMap,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fsmoe.train.data import BatchSampler, Corpus, load_corpus
 from fsmoe.train.distributed import DistContext, clip_grads_, global_grad_norm, setup, teardown
 
 if TYPE_CHECKING:
@@ -126,7 +155,8 @@ class RankBatches:
 
 
 @torch.no_grad()
-def evaluate(model: GPTMoE, batches: RankBatches | BatchSampler, iters: int, ctx: DistContext | None = None) -> float:
+def evaluate(model: MoELanguageModel, batches: RankBatches | BatchSampler, iters: int,
+             ctx: DistContext | None = None) -> float:
     """Mean LM loss over ``iters`` batches in eval mode (restores the previous mode)."""
     was_training = model.training
     model.eval()
@@ -142,14 +172,14 @@ def evaluate(model: GPTMoE, batches: RankBatches | BatchSampler, iters: int, ctx
     return _world_mean([total.item() / iters], ctx)[0]
 
 
-def _format_line(rec: dict[str, float | int], steps: int) -> str:
+def _format_line(rec: dict[str, Any], steps: int) -> str:
     return (
         f"step {rec['step']:>{len(str(steps))}}/{steps} | loss {rec['loss']:.4f} | aux {rec['aux_loss']:.4f}"
         f" | dropped {rec['dropped_fraction']:.3f} | lr {rec['lr']:.2e} | {rec['tokens_per_s']:,.0f} tok/s"
     )
 
 
-def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None = None) -> GPTMoE:
+def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None = None) -> MoELanguageModel:
     """The model of ``job`` for this rank: every rank builds the full model from ``run.seed``, then keeps
     its shards; MoE blocks get the configured schedule (sharing one runtime, i.e. one set of lanes)."""
     torch.manual_seed(job.run.seed)
@@ -165,7 +195,7 @@ def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None
     return model
 
 
-def build_grad_sync(model: GPTMoE, job: JobConfig, ctx: DistContext | None) -> GradSync | PlannedGradSync:
+def build_grad_sync(model: MoELanguageModel, job: JobConfig, ctx: DistContext | None) -> GradSync | PlannedGradSync:
     """Plain bucketed all-reduce after backward, or — for schedules that overlap it — a gradient plan:
     the explicit ``schedule.gar_plan``, else launch every range as soon as it is ready (only in the
     dense parts for tutel_improved; in fixed chunks for lina)."""
@@ -211,7 +241,7 @@ def train_step(
 ) -> ModelOutput:
     """One optimizer step at 1-based ``step`` on this rank's ``batch`` (x_BL, y_BL): forward, backward of
     LM + aux loss, gradient sync, the finiteness check (:func:`check_finite`, the one syncing read),
-    clipping, AdamW at ``lr_at(step)``. Collective when ``ctx`` is set. ``model`` is a :class:`GPTMoE`
+    clipping, AdamW at ``lr_at(step)``. Collective when ``ctx`` is set. ``model`` is a :class:`MoELanguageModel`
     (or any module with the same forward contract)."""
     lr = lr_at(step, cfg)
     for group in opt.param_groups:
@@ -233,16 +263,19 @@ def train_step(
 
 
 def run_train(job: JobConfig) -> TrainResult:
-    """Train from scratch as ``job`` says; see the module docstring for what is logged and written.
-    With ``parallel.nproc > 1`` this runs on every launched rank (see :mod:`fsmoe.train.distributed`)."""
+    """Train as ``job`` says (from scratch, or from ``train.resume``); see the module docstring for what is
+    logged and written. With ``parallel.nproc > 1`` this runs on every launched rank (see
+    :mod:`fsmoe.train.distributed`)."""
     job.check_training()  # pure: the same error on every rank, before any collective
+    resume = check_resume(job)  # pure file reads, likewise
     threads = job.run.threads if job.run.threads is not None else (1 if job.parallel.distributed else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    corpus = load_corpus(job.data, job.model.seq_len)  # first, so that bad data leaves no output directory behind
+    # first, so that bad data leaves no output directory behind
+    corpus = load_corpus(job.data, job.model.seq_len, job.model.vocab_size)
     ctx = setup(job.parallel, job)
     try:
-        return _train(job, corpus, ctx)
+        return train(job, corpus, ctx, resume)
     except BaseException as e:  # the run directory says that this run did not finish, and why
         state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         mark_run(job, ctx, state, error=f"{type(e).__name__}: {e}".rstrip(": "))
@@ -251,17 +284,26 @@ def run_train(job: JobConfig) -> TrainResult:
         teardown()
 
 
-RUN_FILES = (CONFIG_FILE, PLAN_FILE, METRICS_FILE, SUMMARY_FILE, STATUS_FILE)
+RUN_FILES = (CONFIG_FILE, PLAN_FILE, METRICS_FILE, SUMMARY_FILE, STATUS_FILE, CHECKPOINTS_DIR)
+
+
+def resumes_in_place(job: JobConfig, ckpt: Checkpoint | None) -> bool:
+    """Whether ``job`` resumes ``ckpt`` into the run directory that holds it (``run.out``)."""
+    run_dir = None if ckpt is None else ckpt.run_dir
+    return run_dir is not None and run_dir.resolve() == Path(job.run.out).resolve()
 
 
 def prepare_run_dir(job: JobConfig) -> None:
     """Check ``run.out`` before any rank starts: it must be a directory this process can create and write,
-    and it must not hold a previous run unless ``run.overwrite`` (then that run's files are removed, and
-    nothing else). ``ValueError`` naming the path and the reason."""
+    and it must not hold a previous run unless ``run.overwrite`` (then that run's files and checkpoints are
+    removed, and nothing else) or the job resumes that run's checkpoint (then they are kept; see
+    :func:`resumes_in_place`). Checks the checkpoint to resume (:func:`~fsmoe.train.checkpoint.check_resume`).
+    ``ValueError`` naming the path and the reason."""
     out = Path(job.run.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory")
-    previous = [f for f in RUN_FILES if (out / f).exists()]
+    in_place = resumes_in_place(job, check_resume(job))
+    previous = [] if in_place else [f for f in RUN_FILES if (out / f).exists()]
     if previous and not job.run.overwrite:
         raise ValueError(f"--out {str(out)!r} holds a previous run ({', '.join(previous)}); pass --overwrite to "
                          "replace it, or choose another --out")
@@ -271,7 +313,10 @@ def prepare_run_dir(job: JobConfig) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
         for f in previous:
-            (out / f).unlink()
+            if (out / f).is_dir():
+                shutil.rmtree(out / f)
+            else:
+                (out / f).unlink()
     except OSError as e:
         raise ValueError(f"cannot write the run directory --out {str(out)!r}: {e.strerror or e}") from None
     finally:
@@ -324,7 +369,93 @@ def _degrees_text(sched: ScheduleConfig) -> str:
     return " ".join(f"{a}/{b}" for a, b in pairs)
 
 
-def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResult:
+class Progress:
+    """Where the main rank shows progress: plain lines (``print``), or a tqdm bar over the steps with the
+    latest logged loss in its postfix (``mode`` ``bar``, or ``auto`` when stdout is a terminal). Other
+    ranks show nothing."""
+
+    def __init__(self, mode: str, main: bool, steps: int, done: int) -> None:
+        self.main = main
+        self.steps = steps
+        use_bar = main and (mode == "bar" or (mode == "auto" and sys.stdout.isatty()))
+        self.bar = (tqdm(total=steps, initial=done, unit="step", file=sys.stdout, dynamic_ncols=True) if use_bar
+                    else None)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def record(self, rec: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+        elif self.main:
+            print(_format_line(rec, self.steps), flush=True)
+
+    def echo(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        elif self.main:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def logged_stats(interval_loss: Tensor, interval_steps: int, out: ModelOutput, ctx: DistContext | None) -> dict[
+        str, Any]:
+    """The numbers of one training record (see the module doc) from this rank's interval loss sum and its
+    last step's output: the loss, aux loss and dropped share as means over ranks, the per-layer expert
+    loads and dropped shares as sums over ranks. One all-reduce; syncs: call it only when logging."""
+    stats = out.moe_stats
+    if any(s.expert_load_E is None for s in stats):
+        raise RuntimeError("an MoE layer's stats carry no expert_load_E; the trainer logs per-expert loads")
+    head = [interval_loss.item() / interval_steps, out.aux_loss.item(), dropped_fraction(stats)]
+    sizes = [s.expert_load_E.numel() for s in stats]  # type: ignore[union-attr]
+    values = torch.cat([
+        torch.tensor(head, dtype=torch.float64),
+        torch.tensor([float(s.num_dropped) for s in stats] + [float(s.num_assignments) for s in stats],
+                     dtype=torch.float64),
+        *(s.expert_load_E.double().cpu() for s in stats),  # type: ignore[union-attr]
+    ])
+    if ctx is not None:
+        dist.all_reduce(values)
+        values[:3] /= ctx.world
+    n = len(stats)
+    dropped, assigned = values[3 : 3 + n].tolist(), values[3 + n : 3 + 2 * n].tolist()
+    loads = [[int(c) for c in chunk.tolist()] for chunk in values[3 + 2 * n :].split(sizes)] if n else []
+    loss, aux, dropped_share = values[:3].tolist()
+    return {
+        "loss": loss, "aux_loss": aux, "dropped_fraction": dropped_share, "expert_load": loads,
+        "dropped_per_layer": [d / max(a, 1.0) for d, a in zip(dropped, assigned, strict=True)],
+    }
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where it overflows."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of steps up to ``step`` in a metrics file (resuming from ``step`` into its
+    run; a line cut short by a killed run is dropped too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(kept))
+
+
+def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Checkpoint | None = None) -> TrainResult:
+    """The body of :func:`run_train` on a rank that has joined (``ctx`` from :func:`setup`, or one a test
+    builds on a process group it runs several jobs in; None for one process): plan, build, resume from
+    ``resume`` (the job's :func:`~fsmoe.train.checkpoint.check_resume`), train, evaluate, save, and write
+    the run directory."""
     main = ctx is None or ctx.is_main
     echo: Callable[[str], None] = print if main else (lambda _: None)
     job, plan = plan_schedule(job, ctx, echo)
@@ -332,50 +463,72 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
     seq_len = m.seq_len
     out_dir = Path(job.run.out)
     metrics_path = out_dir / METRICS_FILE
+    plan_json = None if plan is None else json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n"
+    in_place = resumes_in_place(job, resume)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / CONFIG_FILE).write_text(dump_toml(job))
         mark_run(job, ctx, "running")
         if plan is not None:
-            (out_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n")
+            (out_dir / PLAN_FILE).write_text(plan_json)
             print(plan.explain(), flush=True)
-    train = RankBatches(corpus.train_N, job, job.run.seed, ctx)
+        if in_place:
+            assert resume is not None
+            drop_records_after(metrics_path, resume.step)
+    batches = RankBatches(corpus.train_N, job, job.run.seed, ctx)
     model = build_model(job, ctx)
     model.train()
     opt = build_optimizer(model, cfg)
     sync = build_grad_sync(model, job, ctx)
+    shards = ShardMap.probe(job, model, ctx) if cfg.save_every is not None or resume is not None else None
     par, sched = job.parallel, job.schedule
     if main:
+        unit = "bytes" if corpus.train_N.dtype == torch.uint8 else "tokens"
         layout = (f"{par.nproc} ranks (MP={par.mp}, EP={par.ep}, ESP={par.esp}, dispatcher {par.dispatcher}, "
                   f"schedule {sched.name} r={_degrees_text(sched)})" if par.distributed else "1 process")
         print(
-            f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val bytes\n"
+            f"data: {corpus.source}; {corpus.train_N.numel():,} train / {corpus.val_N.numel():,} val {unit}\n"
             f"model: {m.estimated_params() if par.distributed else model.num_params():,} parameters, "
             f"{m.n_layers} layers ({m.num_moe_layers} MoE: {m.moe.num_experts} experts, "
             f"top-{m.moe.top_k}, gate {m.moe.gate}); {cfg.batch_size}x{seq_len} tokens/step; {layout}",
             flush=True,
         )
+    step, train_seconds, first_loss = 0, 0.0, math.nan
+    if resume is not None:
+        assert shards is not None
+        restored = load_checkpoint(resume, model, opt, shards, samplers={"train": batches.sampler})  # sets the RNG
+        step, train_seconds = restored.step, float(restored.extra.get("train_seconds", 0.0))
+        first = restored.extra.get("first_loss")  # None: not finite, or not saved by a trainer
+        first_loss = math.nan if first is None else float(first)
+        echo(f"resumed from {str(resume.path)!r} at step {step} (saved by {resume.world} "
+             f"rank{'s' if resume.world > 1 else ''})")
     tokens_per_step = cfg.batch_size * seq_len
-    first_loss = math.nan
     interval_loss = torch.zeros(())
     interval_steps = 0
     interval_start = time.perf_counter()
-    train_seconds = 0.0
-    last_record: dict[str, float | int] = {}
-    step = 0
-    metrics = metrics_path.open("w") if main else None
+    last_record: dict[str, Any] = {}
+    val_loss = math.nan
+    metrics = metrics_path.open("a" if in_place else "w") if main else None
+    progress = Progress(job.run.progress, main, cfg.steps, step)
+
+    def write(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(_strict(record), allow_nan=False) + "\n")
+            metrics.flush()
+
     try:
         while step < cfg.steps:
             step += 1
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            out = train_step(model, opt, sync, train.sample(), step, cfg, ctx)
+            out = train_step(model, opt, sync, batches.sample(), step, cfg, ctx)
             if ctx is not None:
                 ctx.heartbeat(step)  # the launcher's watchdog: this rank finished `step`
             assert out.loss is not None
             train_seconds += time.perf_counter() - t0
             interval_loss += out.loss.detach()
             interval_steps += 1
+            progress.advance()
 
             out_of_time = cfg.max_seconds is not None and train_seconds >= cfg.max_seconds
             if ctx is not None:  # every rank must stop at the same step
@@ -383,38 +536,51 @@ def _train(job: JobConfig, corpus: object, ctx: DistContext | None) -> TrainResu
             last = step == cfg.steps or out_of_time
             if step == 1 or step % cfg.log_every == 0 or last:
                 now = time.perf_counter()
-                mean_loss, aux, dropped = _world_mean(
-                    [interval_loss.item() / interval_steps, out.aux_loss.item(), dropped_fraction(out.moe_stats)], ctx
-                )
+                logged = logged_stats(interval_loss, interval_steps, out, ctx)
                 if step == 1:
-                    first_loss = mean_loss
+                    first_loss = logged["loss"]
                 last_record = {
+                    "kind": "train",
                     "step": step,
-                    "loss": mean_loss,  # the mean over the logging interval's steps (weights still moving)
+                    "loss": logged["loss"],  # the mean over the logging interval's steps (weights still moving)
                     "loss_steps": interval_steps,
-                    "aux_loss": aux,
-                    "dropped_fraction": dropped,
+                    "aux_loss": logged["aux_loss"],
+                    "dropped_fraction": logged["dropped_fraction"],
                     "lr": lr,
                     "tokens_per_s": interval_steps * tokens_per_step / max(now - interval_start, 1e-9),
                     "elapsed_s": train_seconds,
+                    "expert_load": logged["expert_load"],
+                    "dropped_per_layer": logged["dropped_per_layer"],
                 }
-                if metrics is not None:
-                    metrics.write(json.dumps(_strict(last_record), allow_nan=False) + "\n")
-                    metrics.flush()
-                    print(_format_line(last_record, cfg.steps), flush=True)
+                write(last_record)
+                progress.record(last_record)
                 interval_loss.zero_()
                 interval_steps = 0
                 interval_start = time.perf_counter()
+            if (cfg.eval_every is not None and step % cfg.eval_every == 0) or last:
+                val = RankBatches(corpus.val_N, job, job.run.seed + 1, ctx)  # the same held-out batches every time
+                val_loss = evaluate(model, val, cfg.eval_iters, ctx)
+                write({"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                progress.echo(f"step {step}: val loss {val_loss:.4f}, val ppl {perplexity(val_loss):,.2f}")
+            if cfg.save_every is not None and (step % cfg.save_every == 0 or last):
+                assert shards is not None
+                if ctx is not None:
+                    ctx.heartbeat.alive()
+                path = save_checkpoint(
+                    out_dir, step, model, opt, shards, samplers={"train": batches.sampler}, job_toml=dump_toml(job),
+                    plan_json=plan_json, keep=cfg.keep_checkpoints,
+                    extra={"train_seconds": train_seconds, "first_loss": first_loss if math.isfinite(first_loss)
+                           else None},
+                )
+                progress.echo(f"checkpoint: {path}")
             if out_of_time:
-                if main:
-                    print(f"stopping after {step} steps: max_seconds={cfg.max_seconds} reached", flush=True)
+                progress.echo(f"stopping after {step} steps: max_seconds={cfg.max_seconds} reached")
                 break
     finally:
+        progress.close()
         if metrics is not None:
             metrics.close()
 
-    val = RankBatches(corpus.val_N, job, job.run.seed + 1, ctx)
-    val_loss = evaluate(model, val, cfg.eval_iters, ctx)
     result = TrainResult(
         first_loss=first_loss,
         last_loss=float(last_record["loss"]),

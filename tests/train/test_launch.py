@@ -22,7 +22,7 @@ def test_cli_runs_two_ranks_with_expert_parallelism(tmp_path: Path, monkeypatch:
                "--r-fwd", "2", "--r-bwd", "1", "--data-bytes", "200000"])
     assert rc == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("val", 3)]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["val_loss"] > 0
 

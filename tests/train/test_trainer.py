@@ -25,8 +25,9 @@ def quick_cfg(tmp_path: Path, out: str = "run", **overrides: object) -> JobConfi
                      run=RunConfig(out=str(tmp_path / out)))
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+def read_metrics(path: str | Path, kind: str = "train") -> list[dict[str, float]]:
+    """The records of one ``kind`` (train or val) in a metrics.jsonl."""
+    return [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["kind"] == kind]
 
 
 def test_short_run_learns_and_writes_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
