@@ -465,7 +465,7 @@ class RunConfig:
                       "else the CPU with gloo", parse=choice_parser("device", DEVICE_NAMES))
     dtype: str = opt("fp32", "compute dtype of experts and attention (bf16: autocast, fp32 master weights and "
                      "router)", parse=choice_parser("dtype", DTYPE_NAMES))
-    progress: str = opt("auto", "progress display: a bar on a terminal, plain lines in logs (auto)",
+    progress: str = opt("auto", "progress display: a bar on a terminal (main rank), plain lines in logs (auto)",
                         parse=choice_parser("progress", PROGRESS_NAMES))
 
     def __post_init__(self) -> None:
