@@ -35,10 +35,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/gates.py
 
-# On a machine with a CUDA GPU: CUDA-marked tests plus the layer benchmark.
+# On a machine with one NVIDIA GPU, in at most 8 minutes: the CUDA tests (pytest -m cuda), the layer on
+# CUDA against the CPU, bf16, the stream runtime's overlap, a tiny training run and the gates benchmark,
+# as one compact report (scripts/gpu_check.py; --dry-run shows the plan without a GPU). See docs/gpu.md.
 gpu-check: $(STAMP)
-	$(PY) -m pytest -q -m cuda
-	$(PY) benchmarks/gates.py --device cuda --quick
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

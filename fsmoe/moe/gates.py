@@ -12,12 +12,18 @@ its slots are dense mixes of all tokens, carried in :class:`SoftAssignment`.
 Gates are pure tensor → tensor except where a data-dependent size is unavoidable
 (``capacity_factor=None``), which lives in the named method :meth:`TopKGate.max_load`.
 
+The router always computes in fp32 (or float64 for a float64 layer): :meth:`Gate.forward` turns autocast
+off and promotes the input and the router weights, so logits, softmax, top-k, the combine weights and the
+aux loss are fp32 under ``--dtype bf16`` (autocast) and in a layer converted to bf16 alike; a bf16
+router would flip near-tied top-k choices and lose the balance loss's small gradients.
+
 This module owns the gates, the :class:`Routing` record and the capacity arithmetic: every C is clamped
 and rounded by :func:`fit_capacity` (the gates' C here, the layer's agreed and padded C in ``layer``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,7 +50,9 @@ class Routing:
 
     ``aux_loss`` is already weighted by the config's coefficients and is differentiable;
     ``num_dropped`` counts requested assignments that found no capacity slot (for expert-choice:
-    tokens that no expert picked) out of ``num_assignments``.
+    tokens that no expert picked) out of ``num_assignments``. ``slots_per_token`` is the most slots one
+    token can hold, known from the gate alone (K for top-k gates; None when unbounded: expert-choice,
+    SoftMoE); orders use it to pick a cheaper path (a top-1 token holds at most one slot).
     """
 
     logits_TE: Tensor
@@ -55,6 +63,7 @@ class Routing:
     aux_loss: Tensor
     num_dropped: Tensor
     num_assignments: int
+    slots_per_token: int | None = None
     soft: SoftAssignment | None = None
 
     @property
@@ -76,9 +85,24 @@ def capacity_for(num_tokens: int, num_experts: int, top_k: int, cfg: MoEConfig) 
     """C = ceil(k·f·T/E) (paper §2.1), at least ``min_capacity``, at most T (a top-k token picks an
     expert at most once), rounded up to a multiple of ``capacity_multiple``."""
     assert cfg.capacity_factor is not None
+    return _capacity(num_tokens, num_experts, top_k, cfg.capacity_factor, cfg.min_capacity, cfg.capacity_multiple)
+
+
+@functools.lru_cache(maxsize=256)
+def _capacity(num_tokens: int, num_experts: int, top_k: int, factor: float, minimum: int, multiple: int) -> int:
+    """:func:`capacity_for` of plain numbers, cached: every forward of a layer asks for the same few sizes,
+    and the exact arithmetic costs more than the small gates' tensor work."""
     # Exact decimal arithmetic: in floats 1.1 * 100 / 2 rounds up to 56 instead of 55.
-    c = math.ceil(top_k * Fraction(str(cfg.capacity_factor)) * num_tokens / num_experts)
-    return fit_capacity(c, minimum=cfg.min_capacity, maximum=num_tokens, multiple=cfg.capacity_multiple)
+    c = math.ceil(top_k * Fraction(str(factor)) * num_tokens / num_experts)
+    return fit_capacity(c, minimum=minimum, maximum=num_tokens, multiple=multiple)
+
+
+def expert_counts(expert_N: Tensor, num_experts: int) -> Tensor:
+    """How many of the N entries of ``expert_N`` name each expert, (E,) int64. A scatter-add of ones, not
+    ``bincount``, which on CUDA syncs to size its output."""
+    return torch.zeros(num_experts, dtype=torch.long, device=expert_N.device).scatter_add_(
+        0, expert_N, torch.ones_like(expert_N)
+    )
 
 
 def assign_slots(
@@ -96,34 +120,33 @@ def assign_slots(
     T, K = expert_TK.shape
     E, C = num_experts, capacity
     device = expert_TK.device
-    flat_e = expert_TK.t().reshape(-1)  # choice-major: the position priority
-    flat_t = torch.arange(T, device=device).repeat(K)
-    order = torch.arange(T * K, device=device)
-    if policy == "probability":
-        order = torch.sort(weight_TK.detach().t().reshape(-1), descending=True, stable=True).indices
-    elif policy != "position":
+    flat_e = expert_TK.t().reshape(-1)  # choice-major (i = k·T + t): the position priority
+    if policy == "position":
+        e_sorted, order = torch.sort(flat_e, stable=True)  # group by expert, keep priority
+    elif policy == "probability":
+        prio = torch.sort(weight_TK.detach().t().reshape(-1), descending=True, stable=True).indices
+        e_sorted, by_expert = torch.sort(flat_e[prio], stable=True)
+        order = prio[by_expert]
+    else:
         raise ValueError(f"unknown drop policy {policy!r}; choose one of position, probability")
-    order = order[torch.sort(flat_e[order], stable=True).indices]  # group by expert, keep priority
-    e_sorted = flat_e[order]
-    counts_E = torch.bincount(flat_e, minlength=E)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    starts_E = torch.searchsorted(e_sorted, torch.arange(E, device=device))  # where each expert's group starts
     slot = torch.arange(T * K, device=device) - starts_E[e_sorted]
-    keep = slot < C
+    drop = slot >= C
 
     flat_w = weight_TK.t().reshape(-1)
     if renormalize:
         keep_flat = torch.zeros(T * K, dtype=torch.bool, device=device)
-        keep_flat[order] = keep
+        keep_flat[order] = ~drop
         kept_w_TK = (flat_w * keep_flat).view(K, T).t()
         denom_T = kept_w_TK.sum(-1).clamp(min=torch.finfo(flat_w.dtype).eps)
         flat_w = flat_w / denom_T.repeat(K)
 
-    kept = order[keep]
-    pos = e_sorted[keep] * C + slot[keep]
-    token_EC = torch.full((E * C,), T, dtype=torch.long, device=device)
-    token_EC[pos] = flat_t[kept]
-    weight_EC = flat_w.new_zeros(E * C).index_put((pos,), flat_w[kept])
-    return token_EC.view(E, C), weight_EC.view(E, C), (~keep).sum()
+    # Dropped assignments write one scratch slot (E·C), cut off below: no boolean indexing, so no sync.
+    pos = torch.where(drop, E * C, e_sorted * C + slot)
+    token = order if K == 1 else order % T  # assignment i = k·T + t is token t
+    token_EC = torch.full((E * C + 1,), T, dtype=torch.long, device=device).index_put_((pos,), token)
+    weight_EC = flat_w.new_zeros(E * C + 1).index_put((pos,), flat_w[order])
+    return token_EC[: E * C].view(E, C), weight_EC[: E * C].view(E, C), drop.sum()
 
 
 def top_k_lowest_index(scores_TE: Tensor, k: int) -> Tensor:
@@ -132,6 +155,8 @@ def top_k_lowest_index(scores_TE: Tensor, k: int) -> Tensor:
     times faster than a full stable sort over E."""
     if k == scores_TE.shape[1]:
         return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices
+    if k == 1:  # one pass needs no working copy
+        return scores_TE.argmax(dim=-1, keepdim=True)
     work = scores_TE.clone()
     picks = []
     for _ in range(k):
@@ -141,11 +166,13 @@ def top_k_lowest_index(scores_TE: Tensor, k: int) -> Tensor:
     return torch.cat(picks, dim=1)
 
 
-def balance_loss(probs_TE: Tensor, first_TE: Tensor) -> Tensor:
+def balance_loss(probs_TE: Tensor, first_T: Tensor) -> Tensor:
     """GShard/Switch load-balancing loss E · Σ_e mean_t(p_te) · frac_e, where frac_e is the share of
-    tokens whose first choice is e (Lepikhin et al. 2020; Fedus et al. 2021). Equals 1 when balanced."""
-    E = probs_TE.shape[1]
-    return E * (probs_TE.mean(0) * first_TE.float().mean(0)).sum()
+    tokens whose first choice ``first_T`` is e (Lepikhin et al. 2020; Fedus et al. 2021). Equals 1 when
+    balanced."""
+    T, E = probs_TE.shape
+    frac_E = expert_counts(first_T, E).to(probs_TE.dtype) / T
+    return E * (probs_TE.mean(0) * frac_E).sum()
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
@@ -160,8 +187,20 @@ def zero_loss(logits_TE: Tensor) -> Tensor:
     return logits_TE[:0].float().sum()
 
 
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the router computes in for an input of ``dtype``: at least fp32 (float64 stays)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def project(x_TD: Tensor, weight_OD: Tensor) -> Tensor:
+    """x_TD · weight_ODᵀ in x_TD's dtype (the router's): the weight is promoted when the layer holds it in a
+    narrower dtype; a no-op cast for the usual fp32 master weights."""
+    return F.linear(x_TD, weight_OD.to(x_TD.dtype))
+
+
 class Gate(nn.Module):
-    """Base of all gates: ``forward(x_TD) = route(logits(x_TD))``; subclasses override one method."""
+    """Base of all gates: ``forward(x_TD) = route(logits(x_TD))`` in the router dtype (see the module doc);
+    subclasses override one method."""
 
     def __init__(self, cfg: MoEConfig, d_model: int) -> None:
         super().__init__()
@@ -173,10 +212,11 @@ class Gate(nn.Module):
         nn.init.normal_(self.wg.weight, std=0.02)
 
     def forward(self, x_TD: Tensor) -> Routing:
-        return self.route(self.logits(x_TD))
+        with torch.autocast(x_TD.device.type, enabled=False):  # the router stays fp32 under --dtype bf16
+            return self.route(self.logits(x_TD.to(router_dtype(x_TD.dtype))))
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        return self.wg(x_TD)
+        return project(x_TD, self.wg.weight)
 
     def route(self, logits_TE: Tensor) -> Routing:
         raise NotImplementedError
@@ -199,9 +239,9 @@ class TopKGate(Gate):
             nn.init.zeros_(self.w_noise.weight)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        logits_TE = self.wg(x_TD)
+        logits_TE = project(x_TD, self.wg.weight)
         if self.w_noise is not None and self.training:
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(self.w_noise(x_TD))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(project(x_TD, self.w_noise.weight))
         return logits_TE
 
     def scores(self, logits_TE: Tensor) -> Tensor:
@@ -209,8 +249,8 @@ class TopKGate(Gate):
         return torch.softmax(logits_TE.float(), dim=-1).to(logits_TE.dtype)
 
     def aux(self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor) -> Tensor:
-        first_TE = F.one_hot(expert_TK[:, 0], self.num_experts)
-        return balance_loss(torch.softmax(logits_TE.float(), dim=-1), first_TE)
+        """The balance loss over the softmax probabilities: here the scores themselves (computed once)."""
+        return balance_loss(scores_TE, expert_TK[:, 0])
 
     def max_load(self, expert_TK: Tensor) -> int:
         # Syncs (a .item()): with no capacity limit C is the busiest expert's load, a data-dependent size.
@@ -232,10 +272,10 @@ class TopKGate(Gate):
         )
         coef = self.cfg.aux_loss_coef
         balance = zero_loss(logits_TE) if coef == 0 else coef * self.aux(logits_TE, scores_TE, expert_TK)
-        aux = balance + self._zloss(logits_TE)
+        aux = balance if self.cfg.z_loss_coef == 0 else balance + self._zloss(logits_TE)
         return Routing(
             logits_TE=logits_TE, token_EC=token_EC, weight_EC=weight_EC, capacity=capacity, num_tokens=T,
-            aux_loss=aux, num_dropped=dropped, num_assignments=T * K,
+            aux_loss=aux, num_dropped=dropped, num_assignments=T * K, slots_per_token=K,
         )
 
 
@@ -254,6 +294,10 @@ class SigmoidGate(TopKGate):
     def scores(self, logits_TE: Tensor) -> Tensor:
         return torch.sigmoid(logits_TE)
 
+    def aux(self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor) -> Tensor:
+        """The balance loss over the softmax probabilities (the scores are sigmoids, not a distribution)."""
+        return balance_loss(torch.softmax(logits_TE.float(), dim=-1), expert_TK[:, 0])
+
 
 class XMoEGate(TopKGate):
     """X-MoE gate (Chi et al. 2022): cosine similarity between the L2-normalised low-rank projection of
@@ -268,9 +312,9 @@ class XMoEGate(TopKGate):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)))
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        q_TR = F.normalize(self.proj(x_TD), dim=-1)
-        k_ER = F.normalize(self.expert_emb, dim=-1)
-        return q_TR @ k_ER.t() / self.log_temperature.exp()
+        q_TR = F.normalize(project(x_TD, self.proj.weight), dim=-1)
+        k_ER = F.normalize(self.expert_emb.to(x_TD.dtype), dim=-1)
+        return q_TR @ k_ER.t() / self.log_temperature.to(x_TD.dtype).exp()
 
 
 class ExpertChoiceGate(Gate):
@@ -308,7 +352,7 @@ class SoftMoEGate(Gate):
         nn.init.normal_(self.phi.weight, std=d_model**-0.5)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        return self.phi(x_TD)
+        return project(x_TD, self.phi.weight)
 
     def route(self, logits_TN: Tensor) -> Routing:
         T, E, S = logits_TN.shape[0], self.num_experts, self.slots

@@ -8,8 +8,13 @@ empty slot) and give identical results:
 * ``einsum`` — GShard: a one-hot dispatch mask (T, E, C) and einsums; memory O(T·E·C). The combine
   weights scale the expert outputs before the einsum, so backward never builds a (T, E, C) gradient.
 * ``index`` — Tutel-style: an index gather for Order and a weighted scatter-add for I-Order; O(E·C·D).
+  When each token holds at most one slot (top-1 gates: ``Routing.slots_per_token == 1``) I-Order is a
+  gather instead: each token reads its one slot's output, O(T·D) forward and backward rather than the
+  scatter's O(E·C·D) with E·C ≈ f·T, and a gather's backward is the cheap scatter of T rows. Same
+  values bit for bit: a scatter-add onto zeros of one term is that term.
 
-SoftMoE's routing is dense, so for it both orders are the same pair of matmuls.
+SoftMoE's routing is dense, so for it both orders are the same pair of matmuls (in the input's dtype:
+the router's weights are fp32 under autocast and in a layer converted to bf16).
 
 A token with a NaN or inf feature spoils only its own slots and its own output row in both orders
 (forward, and the input gradients of the other tokens); in SoftMoE every slot mixes every token, so
@@ -34,12 +39,12 @@ class Order:
 
     def order(self, x_TD: Tensor, routing: Routing) -> Tensor:
         if routing.soft is not None:
-            return torch.einsum("tes,td->esd", routing.soft.dispatch_TES, x_TD)
+            return torch.einsum("tes,td->esd", routing.soft.dispatch_TES.to(x_TD.dtype), x_TD)
         return self._order(x_TD, routing)
 
     def iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
         if routing.soft is not None:
-            return torch.einsum("tes,esd->td", routing.soft.combine_TES, y_ECD)
+            return torch.einsum("tes,esd->td", routing.soft.combine_TES.to(y_ECD.dtype), y_ECD)
         return self._iorder(y_ECD, routing)
 
     def _order(self, x_TD: Tensor, routing: Routing) -> Tensor:
@@ -60,6 +65,24 @@ def scatter_rows(y_ECD: Tensor, token_EC: Tensor, num_tokens: int) -> Tensor:
     """y_TD[t] = Σ over the slots (e, c) holding t of y_ECD[e, c]; empty slots add nothing."""
     D = y_ECD.shape[-1]
     return y_ECD.new_zeros(num_tokens + 1, D).index_add(0, token_EC.reshape(-1), y_ECD.reshape(-1, D))[:num_tokens]
+
+
+def token_slots(token_EC: Tensor, num_tokens: int) -> Tensor:
+    """slot_T[t]: the flat slot e·C + c that holds token t, or E·C when none does, for a routing in which a
+    token holds at most one slot (the inverse of ``token_EC``). The empty slots all write row T, which is
+    cut off, so which of them lands there does not matter."""
+    EC = token_EC.numel()
+    slot_T1 = torch.full((num_tokens + 1,), EC, dtype=torch.long, device=token_EC.device)
+    slot_T1.index_put_((token_EC.reshape(-1),), torch.arange(EC, device=token_EC.device))
+    return slot_T1[:num_tokens]
+
+
+def gather_slots(y_ECD: Tensor, weight_EC: Tensor, slot_T: Tensor) -> Tensor:
+    """y_TD[t] = weight_EC · y_ECD at slot ``slot_T[t]``, zero where slot_T[t] = E·C (a dropped token)."""
+    D = y_ECD.shape[-1]
+    y_pad = torch.cat([y_ECD.reshape(-1, D), y_ECD.new_zeros(1, D)])
+    w_pad = torch.cat([weight_EC.reshape(-1).to(y_ECD.dtype), y_ECD.new_zeros(1)])
+    return y_pad.index_select(0, slot_T) * w_pad.index_select(0, slot_T).unsqueeze(-1)
 
 
 def non_finite_rows(x_ND: Tensor) -> Tensor:
@@ -111,7 +134,8 @@ class EinsumOrder(Order):
 
 class IndexOrder(Order):
     """Tutel-style ordering: gather rows by ``token_EC`` (empty slots read a zero row), and
-    scatter-add ``weight_EC``-scaled expert outputs back into token order."""
+    scatter-add ``weight_EC``-scaled expert outputs back into token order — or, when a token holds at
+    most one slot, gather each token's slot (see the module doc)."""
 
     name = "index"
 
@@ -119,6 +143,8 @@ class IndexOrder(Order):
         return gather_rows(x_TD, routing.token_EC)
 
     def _iorder(self, y_ECD: Tensor, routing: Routing) -> Tensor:
+        if routing.slots_per_token == 1:
+            return gather_slots(y_ECD, routing.weight_EC, token_slots(routing.token_EC, routing.num_tokens))
         weighted_ECD = y_ECD * routing.weight_EC.unsqueeze(-1).to(y_ECD.dtype)
         return scatter_rows(weighted_ECD, routing.token_EC, routing.num_tokens)
 

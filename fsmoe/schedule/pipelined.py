@@ -162,21 +162,27 @@ class _PipelinedBlock(torch.autograd.Function):
         y: list[Tensor] = []  # the (E, C, D) output, see _put
         pieces: list[tuple[Tensor, ...]] = [()] * r  # per forward chunk, what the experts saved, (e, S·W·c, *)
 
-        def dispatch(i: int) -> None:
+        # Each task returns what it produced, for the stream lanes to record on the consumers' streams.
+        def dispatch(i: int) -> Tensor:
             recv[i] = disp.exchange(x_ECD[:, _chunk(C, r, i)].reshape(W, e, c, D))  # (W_src, e, c, D)
+            return recv[i]
 
-        def gather(i: int) -> None:
+        def gather(i: int) -> Tensor:
             gathered[i] = disp.gather_shards(recv.pop(i).transpose(0, 1).reshape(e, W * c, D))  # (e, S·W·c, D)
+            return gathered[i]
 
-        def expert(i: int) -> None:
+        def expert(i: int) -> Tensor:
             outs[i], pieces[i] = experts.forward_saving(gathered.pop(i))
+            return outs[i]
 
-        def reduce(i: int) -> None:
+        def reduce(i: int) -> Tensor:
             reduced[i] = disp.reduce_shards(outs.pop(i))  # (e, W·c, D)
+            return reduced[i]
 
-        def combine(i: int) -> None:
+        def combine(i: int) -> Tensor:
             send = reduced.pop(i).view(e, W, c, D).transpose(0, 1).contiguous()
             _put(y, disp.exchange(send).view(E, c, D), C, r, i)
+            return y[0]
 
         impls = {"dispatch": dispatch, "gather": gather, "expert": expert, "reduce": reduce, "combine": combine}
         pipe.runtime.run(forward_tasks(pipe.spec, r), impls)
@@ -210,26 +216,31 @@ class _PipelinedBlock(torch.autograd.Function):
         dxs: dict[int, Tensor] = {}
         reduced: dict[int, Tensor] = {}
 
-        def combine_bwd(i: int) -> None:
+        def combine_bwd(i: int) -> Tensor:
             recv[i] = disp.exchange(dy_ECD[:, _chunk(C, r, i)].reshape(W, e, c, D))
+            return recv[i]
 
-        def reduce_bwd(i: int) -> None:  # adjoint of the ReduceScatter: AllGather
+        def reduce_bwd(i: int) -> Tensor:  # adjoint of the ReduceScatter: AllGather
             gathered[i] = disp.gather_shards(recv.pop(i).transpose(0, 1).reshape(e, W * c, D))
+            return gathered[i]
 
-        def expert_bwd(i: int) -> None:
+        def expert_bwd(i: int) -> Tensor:
             dxs[i], grads = experts.backward_saved(gathered.pop(i), stash.take(S * W, C, r, i))
             for k, g in enumerate(grads):
                 if pgrads[k] is None:
                     pgrads[k] = g
                 else:  # the first chunk's gradient is ours (fresh from backward_saved): sum in place
                     pgrads[k].add_(g)
+            return dxs[i]
 
-        def gather_bwd(i: int) -> None:  # adjoint of the AllGather: ReduceScatter
+        def gather_bwd(i: int) -> Tensor:  # adjoint of the AllGather: ReduceScatter
             reduced[i] = disp.reduce_shards(dxs.pop(i))
+            return reduced[i]
 
-        def dispatch_bwd(i: int) -> None:
+        def dispatch_bwd(i: int) -> Tensor:
             send = reduced.pop(i).view(e, W, c, D).transpose(0, 1).contiguous()
             _put(dx, disp.exchange(send).view(E, c, D), C, r, i)
+            return dx[0]
 
         def gar(_: int) -> None:
             assert pipe.gar is not None

@@ -24,6 +24,11 @@ Faults the launcher handles (fsmoe's own launchers: :func:`launch` and :mod:`fsm
 Under ``torchrun`` neither variable is set: the heartbeat is a no-op and the ranks die as torchrun
 decides; what fires there is the collective timeout (the peers of a hung rank raise after
 ``--collective-timeout``, then torchrun stops the rest: SIGTERM, SIGKILL after 30 s).
+
+Device and backend (``--device auto|cpu|cuda``): :func:`resolve_device` is the one pure decision — each
+rank on ``cuda:LOCAL_RANK`` with NCCL where CUDA is there, else the CPU with gloo — and :func:`setup`
+follows it, so the CPU and CUDA paths are the same code with only the device and backend differing.
+The CUDA/NCCL path is unverified until ``make gpu-check`` passes on a GPU machine (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsmoe.config import ParallelConfig
+from fsmoe.config.values import DEVICE_NAMES
 from fsmoe.parallel.dims import ParallelDims, ProcessGroups, build_groups, config_hash_check
 from fsmoe.parallel.grad_sync import REPLICA_ATTR
 
@@ -295,11 +301,72 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where one rank computes and how it talks: ``device`` (``cpu`` or ``cuda:LOCAL_RANK``) and the
+    process-group ``backend`` that goes with it (gloo for the CPU, NCCL for CUDA)."""
+
+    device: torch.device
+    backend: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def resolve_device(device: str, *, local_rank: int, local_world_size: int, num_gpus: int) -> Placement:
+    """The placement of rank ``local_rank`` of the ``local_world_size`` ranks on this node, for ``--device
+    device`` (auto, cpu or cuda) on a machine with ``num_gpus`` visible CUDA devices (0: no CUDA).
+
+    auto: CUDA with NCCL when a GPU is visible, else the CPU with gloo; cpu: always the CPU; cuda: one GPU per
+    local rank, ``ValueError`` naming the numbers when there is no GPU or fewer GPUs than local ranks. Pure,
+    so every rank raises the same error before any collective."""
+    if device not in DEVICE_NAMES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_NAMES)}")
+    if not 0 <= local_rank < local_world_size:
+        raise ValueError(f"local rank {local_rank} is outside 0..{local_world_size - 1} (LOCAL_WORLD_SIZE)")
+    if device == "cpu" or (device == "auto" and num_gpus == 0):
+        return Placement(torch.device("cpu"), "gloo")
+    if num_gpus == 0:
+        raise ValueError(
+            "--device cuda, but CUDA is not available in this process (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu or auto"
+        )
+    if local_world_size > num_gpus:
+        raise ValueError(
+            f"--device {device}: {local_world_size} ranks on this node but only {num_gpus} GPU(s) visible; "
+            f"each rank needs its own GPU (start at most {num_gpus} ranks per node, or use --device cpu)"
+        )
+    return Placement(torch.device("cuda", local_rank), "nccl")
+
+
+def rank_placement(device: str, environ: Mapping[str, str] = os.environ) -> Placement:
+    """:func:`resolve_device` for this process: its local rank and node size from the launcher's
+    ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (0 and 1 for one process) and the GPUs torch sees."""
+    return resolve_device(
+        device,
+        local_rank=int(environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", "1")),
+        num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    )
+
+
+def use_device(placement: Placement) -> None:
+    """Make ``placement.device`` this process's current CUDA device (a no-op on the CPU), so that
+    NCCL's communicators, ``torch.cuda.current_stream()`` and the runtime's streams are on it."""
+    if placement.is_cuda:
+        torch.cuda.set_device(placement.device)
+
+
+@dataclass(frozen=True)
 class DistContext:
+    """One joined rank: its global ``rank`` of ``world``, its process groups, its heartbeat and the
+    ``device`` its model, batches and the runtime's streams live on."""
+
     rank: int
     world: int
     groups: ProcessGroups
     heartbeat: Heartbeat = field(default_factory=lambda: Heartbeat(None), compare=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -311,11 +378,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
+def setup(par: ParallelConfig, config_for_hash: Any, *, device: str = "cpu") -> DistContext | None:
     """Join the process group of a launched rank and build the groups; ``None`` for one process.
 
-    First, under fsmoe's launchers: die with the launcher (:func:`die_with_launcher`) and beat step 0,
-    so the watchdog knows this rank is up (``ctx.heartbeat(step)`` after each step from then on)."""
+    ``device`` is ``run.device``: the rank's placement (:func:`rank_placement`) decides the device, made
+    current here, and the backend of every group; the rest is the same for gloo and NCCL. A bad device
+    raises before anything else. Under fsmoe's launchers: die with the launcher
+    (:func:`die_with_launcher`) and beat step 0, so the watchdog knows this rank is up
+    (``ctx.heartbeat(step)`` after each step from then on)."""
     if not par.distributed:
         return None
     world = env_world_size()
@@ -324,14 +394,21 @@ def setup(par: ParallelConfig, config_for_hash: Any) -> DistContext | None:
             f"--nproc {par.nproc} does not match the launcher's WORLD_SIZE={world}; "
             "start with `fsmoe train --nproc N` or `torchrun --nproc-per-node N -m fsmoe train ...`"
         )
+    placement = rank_placement(device)
     die_with_launcher()
     heartbeat = Heartbeat.from_env()
     heartbeat(0)
+    use_device(placement)
+    timeout = timedelta(seconds=par.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=par.timeout_s))
-    groups = build_groups(ParallelDims.from_config(par), channels=2, timeout=timedelta(seconds=par.timeout_s))
+        dist.init_process_group(placement.backend, timeout=timeout,
+                                device_id=placement.device if placement.is_cuda else None)
+    elif dist.get_backend() != placement.backend:
+        raise ValueError(f"the process group is already joined with {dist.get_backend()}, but --device {device} "
+                         f"needs {placement.backend} here")
+    groups = build_groups(ParallelDims.from_config(par), channels=2, timeout=timeout)
     config_hash_check(config_for_hash)
-    return DistContext(dist.get_rank(), dist.get_world_size(), groups, heartbeat)
+    return DistContext(dist.get_rank(), dist.get_world_size(), groups, heartbeat, placement.device)
 
 
 def teardown() -> None:
@@ -342,8 +419,9 @@ def teardown() -> None:
 @torch.no_grad()
 def global_grad_norm(model: nn.Module, world: int, groups: ProcessGroups | None) -> torch.Tensor:
     """The L2 norm of the full model's gradient, after gradient sync. A parameter replicated on k ranks
-    is counted 1/k times on each, so one all-reduce over the world sums every element exactly once."""
-    sq = torch.zeros((), dtype=torch.float64)
+    is counted 1/k times on each, so one all-reduce over the world sums every element exactly once. The sum
+    lives on the parameters' device (NCCL all-reduces CUDA tensors only)."""
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for p in model.parameters():
         if p.grad is None:
             continue

@@ -1,0 +1,88 @@
+"""Device and backend selection (``--device auto|cpu|cuda``): the pure decision with the GPU count faked,
+and :func:`~fsmoe.train.distributed.setup` following it on two real gloo ranks (CPU), a bad device
+raising the same error on every rank before any collective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fsmoe.config import ParallelConfig
+from fsmoe.train.distributed import Placement, global_grad_norm, rank_placement, resolve_device, setup
+from tests.dist_utils import run_cases
+
+CPU = Placement(torch.device("cpu"), "gloo")
+
+
+@pytest.mark.parametrize(("device", "local_rank", "local_world", "gpus", "want"), [
+    ("auto", 0, 1, 0, CPU),
+    ("auto", 1, 2, 0, CPU),
+    ("cpu", 0, 1, 8, CPU),  # cpu wins over GPUs that are there
+    ("auto", 0, 1, 1, Placement(torch.device("cuda", 0), "nccl")),
+    ("auto", 3, 4, 8, Placement(torch.device("cuda", 3), "nccl")),
+    ("cuda", 1, 2, 2, Placement(torch.device("cuda", 1), "nccl")),
+])
+def test_each_rank_gets_its_device_and_backend(device, local_rank, local_world, gpus, want) -> None:
+    got = resolve_device(device, local_rank=local_rank, local_world_size=local_world, num_gpus=gpus)
+    assert got == want
+    assert got.is_cuda == (want.backend == "nccl")
+
+
+@pytest.mark.parametrize(("device", "local_rank", "local_world", "gpus", "match"), [
+    ("cuda", 0, 1, 0, r"--device cuda, but CUDA is not available .*use --device cpu or auto"),
+    ("cuda", 0, 4, 2, r"--device cuda: 4 ranks on this node but only 2 GPU\(s\) visible"),
+    ("auto", 2, 3, 2, r"--device auto: 3 ranks on this node but only 2 GPU\(s\) visible"),
+    ("gpu", 0, 1, 1, r"unknown device 'gpu'; choose one of auto, cpu, cuda"),
+    ("cpu", 2, 2, 0, r"local rank 2 is outside 0..1 \(LOCAL_WORLD_SIZE\)"),
+])
+def test_a_placement_that_cannot_be_met_is_refused_naming_the_numbers(device, local_rank, local_world, gpus,
+                                                                      match) -> None:
+    with pytest.raises(ValueError, match=match):
+        resolve_device(device, local_rank=local_rank, local_world_size=local_world, num_gpus=gpus)
+
+
+def test_the_process_placement_reads_the_launcher_variables() -> None:
+    env = {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert rank_placement("cpu", env) == CPU
+    assert rank_placement("cpu", {}) == CPU  # one process: local rank 0 of 1
+    with pytest.raises(ValueError, match="outside 0..0"):
+        rank_placement("cpu", {"LOCAL_RANK": "1"})
+    if torch.cuda.is_available():
+        assert rank_placement("auto", {}).device == torch.device("cuda", 0)
+    else:
+        assert rank_placement("auto", env) == CPU
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            rank_placement("cuda", env)
+
+
+# --- two gloo ranks ----------------------------------------------------------------------------------
+
+
+def case_setup_on_the_cpu(rank: int, world: int) -> tuple:
+    ctx = setup(ParallelConfig(nproc=world), "device-test", device="auto" if not torch.cuda.is_available() else "cpu")
+    assert ctx is not None
+    model = torch.nn.Linear(3, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float(rank + 1))  # 'world'-replicated: each rank counts half of its own
+    norm = global_grad_norm(model, world, ctx.groups)
+    return str(ctx.device), dist.get_backend(), ctx.rank, ctx.world, float(norm)
+
+
+def case_cuda_without_enough_gpus_fails_alike_on_every_rank(rank: int, world: int) -> str:
+    with pytest.raises(ValueError) as err:
+        setup(ParallelConfig(nproc=world), "device-test", device="cuda")
+    dist.barrier()  # no rank entered a collective: the next one still lines up
+    return str(err.value)
+
+
+def test_setup_follows_the_placement_on_two_gloo_ranks() -> None:
+    out = run_cases([case_setup_on_the_cpu, case_cuda_without_enough_gpus_fails_alike_on_every_rank], 2)
+    values = out["case_setup_on_the_cpu"].result()
+    want_norm = ((8 * 1 + 8 * 4) / 2) ** 0.5  # 8 elements, grads 1 and 2, each counted once over the world
+    for rank, (device, backend, r, world, norm) in enumerate(values):
+        assert (device, backend, r, world) == ("cpu", "gloo", rank, 2)
+        assert norm == pytest.approx(want_norm)
+    errors = out["case_cuda_without_enough_gpus_fails_alike_on_every_rank"].result()
+    assert errors[0] == errors[1]
+    assert "CUDA is not available" in errors[0] or "GPU(s) visible" in errors[0]
