@@ -120,6 +120,14 @@ def all_reduce_(x: Tensor, group: Group = None, *, async_op: bool = False) -> Wo
     return dist.all_reduce(x, group=group, async_op=async_op)
 
 
+def collective_device(group: Group = None) -> torch.device:
+    """Where the collectives of ``group`` take their tensors: the current CUDA device under NCCL, the CPU
+    under gloo. Small bookkeeping exchanges (capacities, split sizes, hashes) are built there."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def exchange_split_sizes(input_split_sizes: Sequence[int], group: Group = None) -> list[int]:
     """How many rows each rank will send to this one, given how many this rank sends to each.
 
@@ -128,7 +136,7 @@ def exchange_split_sizes(input_split_sizes: Sequence[int], group: Group = None) 
     n = dist.get_world_size(group)
     if len(input_split_sizes) != n:
         raise ValueError(f"need one split per rank: got {len(input_split_sizes)} splits for group size {n}")
-    send = torch.tensor(list(input_split_sizes), dtype=torch.int64)
+    send = torch.tensor(list(input_split_sizes), dtype=torch.int64, device=collective_device(group))
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv.tolist()

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.config import ParallelConfig, check_layout
-from fsmoe.parallel.comm import all_gather_into
+from fsmoe.parallel.comm import all_gather_into, collective_device
 
 GroupKind = Literal["mp", "dense_dp", "esp", "ep", "expert_dp"]
 # The order in which build_groups creates groups; torch requires the same order on every rank.
@@ -236,8 +236,9 @@ def config_hash_check(obj: Any, group: dist.ProcessGroup | None = None) -> int:
     digest = hashlib.sha256(repr(obj).encode()).digest()
     mine = int.from_bytes(digest[:8], "little", signed=True)
     size = dist.get_world_size(group)
-    hashes = torch.empty(size, dtype=torch.int64)
-    all_gather_into(hashes, torch.tensor([mine], dtype=torch.int64), group)
+    device = collective_device(group)
+    hashes = torch.empty(size, dtype=torch.int64, device=device)
+    all_gather_into(hashes, torch.tensor([mine], dtype=torch.int64, device=device), group)
     global_ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     by_hash: dict[int, list[int]] = {}
     for r, h in zip(global_ranks, hashes.tolist(), strict=True):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fsmoe.config import DISPATCHER_NAMES
 from fsmoe.moe.dispatch import Dispatcher
-from fsmoe.parallel.comm import all_gather, all_to_all, reduce_scatter
+from fsmoe.parallel.comm import all_gather, all_to_all, collective_device, reduce_scatter
 from fsmoe.parallel.dims import ProcessGroups
 
 LOCAL = "local"
@@ -39,7 +39,7 @@ class _ExpertParallel(Dispatcher):
     def agree_capacity(self, capacity: int) -> int:
         # Syncs: equal-split AlltoAll and AllGather need one C across the EP × ESP block; the max over
         # the EP group, then over the ESP group, is the max over the block.
-        c = torch.tensor([capacity], dtype=torch.long)
+        c = torch.tensor([capacity], dtype=torch.long, device=collective_device(self.ep_group))
         for group, size in ((self.ep_group, self.ep_size), (self.esp_group, self.esp_size)):
             if size > 1:
                 dist.all_reduce(c, op=dist.ReduceOp.MAX, group=group)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fsmoe.parallel.comm import collective_device
 from fsmoe.perf.costs import ZERO, Linear
 
 FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)  # of the job's size: the chunks of r = 8, 4, 2, 1 and between
@@ -149,7 +150,7 @@ def barrier() -> None:
 
 def max_all(values: Sequence[float]) -> list[float]:
     """Every rank's values, element-wise maximum over the world: the slowest rank's, the same everywhere."""
-    t = torch.tensor(list(values), dtype=torch.float64)
+    t = torch.tensor(list(values), dtype=torch.float64, device=collective_device() if world_size() > 1 else None)
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

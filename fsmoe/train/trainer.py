@@ -71,7 +71,16 @@ from fsmoe.train.checkpoint import (
     save_checkpoint,
 )
 from fsmoe.train.data import BatchSampler, Corpus, load_corpus
-from fsmoe.train.distributed import DistContext, clip_grads_, global_grad_norm, setup, teardown
+from fsmoe.train.distributed import (
+    DistContext,
+    clip_grads_,
+    global_grad_norm,
+    rank_placement,
+    setup,
+    teardown,
+    use_device,
+)
+from fsmoe.train.precision import autocast
 
 if TYPE_CHECKING:
     from fsmoe.perf.planner import JobPlan
@@ -130,7 +139,7 @@ def dropped_fraction(stats: Sequence[MoEStats]) -> float:
 
 def _world_mean(values: list[float], ctx: DistContext | None) -> list[float]:
     """Mean over ranks of a few logged scalars (a sync; only at logging points)."""
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=None if ctx is None else ctx.device)
     if ctx is not None:
         dist.all_reduce(t)
         t /= ctx.world
@@ -156,16 +165,19 @@ class RankBatches:
 
 @torch.no_grad()
 def evaluate(model: MoELanguageModel, batches: RankBatches | BatchSampler, iters: int,
-             ctx: DistContext | None = None) -> float:
-    """Mean LM loss over ``iters`` batches in eval mode (restores the previous mode)."""
+             ctx: DistContext | None = None, *, dtype: str = "fp32") -> float:
+    """Mean LM loss over ``iters`` batches in eval mode (restores the previous mode), on the model's device
+    and in ``dtype`` (``run.dtype``)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(())
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
     for _ in range(iters):
         if ctx is not None:
             ctx.heartbeat.alive()  # evaluation makes progress too
-        x_BL, y_BL = batches.sample()
-        out = model(x_BL, y_BL)
+        x_BL, y_BL = (t.to(device) for t in batches.sample())
+        with autocast(dtype, device):
+            out = model(x_BL, y_BL)
         assert out.loss is not None
         total += out.loss
     model.train(was_training)
@@ -179,9 +191,11 @@ def _format_line(rec: dict[str, Any], steps: int) -> str:
     )
 
 
-def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None = None) -> MoELanguageModel:
-    """The model of ``job`` for this rank: every rank builds the full model from ``run.seed``, then keeps
-    its shards; MoE blocks get the configured schedule (sharing one runtime, i.e. one set of lanes)."""
+def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None = None, *,
+                device: torch.device | str = "cpu") -> MoELanguageModel:
+    """The model of ``job`` for this rank on ``device``: every rank builds the full model from ``run.seed``,
+    then keeps its shards; MoE blocks get the configured schedule (sharing one runtime, i.e. one set of
+    lanes: threads on the CPU, CUDA streams on a GPU)."""
     torch.manual_seed(job.run.seed)
     model = build_lm(job.model)
     par, sched = job.parallel, job.schedule
@@ -190,9 +204,9 @@ def build_model(job: JobConfig, ctx: DistContext | None, runtime: Runtime | None
     if sched.name != "sequential" or job.run.trace:
         spec = get_schedule(sched.name)
         rank = 0 if ctx is None else ctx.rank
-        runtime = runtime or Runtime.for_schedule(spec, rank=rank, trace=job.run.trace is not None)
+        runtime = runtime or Runtime.for_schedule(spec, rank=rank, trace=job.run.trace is not None, device=device)
         apply_pipeline(model.moe_layers, spec, sched.layer_degrees or sched.degrees, runtime)
-    return model
+    return model.to(device)
 
 
 def build_grad_sync(model: MoELanguageModel, job: JobConfig, ctx: DistContext | None) -> GradSync | PlannedGradSync:
@@ -237,19 +251,22 @@ def check_finite(norm: Tensor, out: ModelOutput, step: int) -> None:
 
 def train_step(
     model: nn.Module, opt: torch.optim.Optimizer, sync: GradSync | PlannedGradSync, batch: tuple[Tensor, Tensor],
-    step: int, cfg: TrainConfig, ctx: DistContext | None,
+    step: int, cfg: TrainConfig, ctx: DistContext | None, *, dtype: str = "fp32",
 ) -> ModelOutput:
     """One optimizer step at 1-based ``step`` on this rank's ``batch`` (x_BL, y_BL): forward, backward of
     LM + aux loss, gradient sync, the finiteness check (:func:`check_finite`, the one syncing read),
-    clipping, AdamW at ``lr_at(step)``. Collective when ``ctx`` is set. ``model`` is a :class:`MoELanguageModel`
-    (or any module with the same forward contract)."""
+    clipping, AdamW at ``lr_at(step)``. The batch moves to the model's device; the forward runs in ``dtype``
+    (``run.dtype``: bf16 autocast, :mod:`fsmoe.train.precision`). Collective when ``ctx`` is set. ``model``
+    is a :class:`MoELanguageModel` (or any module with the same forward contract)."""
     lr = lr_at(step, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
-    x_BL, y_BL = batch
-    out: ModelOutput = model(x_BL, y_BL)
-    assert out.loss is not None
-    loss: Tensor = out.loss + out.aux_loss
+    device = next(model.parameters()).device
+    x_BL, y_BL = (t.to(device) for t in batch)
+    with autocast(dtype, device):
+        out: ModelOutput = model(x_BL, y_BL)
+        assert out.loss is not None
+        loss: Tensor = out.loss + out.aux_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sync.sync()
@@ -273,7 +290,9 @@ def run_train(job: JobConfig) -> TrainResult:
         torch.set_num_threads(threads)
     # first, so that bad data leaves no output directory behind
     corpus = load_corpus(job.data, job.model.seq_len, job.model.vocab_size)
-    ctx = setup(job.parallel, job)
+    ctx = setup(job.parallel, job, device=job.run.device)  # the device, made current, and its backend
+    if ctx is None:
+        use_device(rank_placement(job.run.device))
     try:
         return train(job, corpus, ctx, resume)
     except BaseException as e:  # the run directory says that this run did not finish, and why
@@ -419,6 +438,8 @@ def logged_stats(interval_loss: Tensor, interval_steps: int, out: ModelOutput, c
         *(s.expert_load_E.double().cpu() for s in stats),  # type: ignore[union-attr]
     ])
     if ctx is not None:
+        values = values.to(ctx.device)  # NCCL reduces device tensors
+    if ctx is not None:
         dist.all_reduce(values)
         values[:3] /= ctx.world
     n = len(stats)
@@ -476,7 +497,8 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
             assert resume is not None
             drop_records_after(metrics_path, resume.step)
     batches = RankBatches(corpus.train_N, job, job.run.seed, ctx)
-    model = build_model(job, ctx)
+    device = ctx.device if ctx is not None else rank_placement(job.run.device).device
+    model = build_model(job, ctx, device=device)
     model.train()
     opt = build_optimizer(model, cfg)
     sync = build_grad_sync(model, job, ctx)
@@ -503,7 +525,7 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
         echo(f"resumed from {str(resume.path)!r} at step {step} (saved by {resume.world} "
              f"rank{'s' if resume.world > 1 else ''})")
     tokens_per_step = cfg.batch_size * seq_len
-    interval_loss = torch.zeros(())
+    interval_loss = torch.zeros((), device=device)
     interval_steps = 0
     interval_start = time.perf_counter()
     last_record: dict[str, Any] = {}
@@ -521,7 +543,7 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
             step += 1
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            out = train_step(model, opt, sync, batches.sample(), step, cfg, ctx)
+            out = train_step(model, opt, sync, batches.sample(), step, cfg, ctx, dtype=job.run.dtype)
             if ctx is not None:
                 ctx.heartbeat(step)  # the launcher's watchdog: this rank finished `step`
             assert out.loss is not None
@@ -559,7 +581,7 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
                 interval_start = time.perf_counter()
             if (cfg.eval_every is not None and step % cfg.eval_every == 0) or last:
                 val = RankBatches(corpus.val_N, job, job.run.seed + 1, ctx)  # the same held-out batches every time
-                val_loss = evaluate(model, val, cfg.eval_iters, ctx)
+                val_loss = evaluate(model, val, cfg.eval_iters, ctx, dtype=job.run.dtype)
                 write({"kind": "val", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 progress.echo(f"step {step}: val loss {val_loss:.4f}, val ppl {perplexity(val_loss):,.2f}")
             if cfg.save_every is not None and (step % cfg.save_every == 0 or last):

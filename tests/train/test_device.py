@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.config import ParallelConfig
+from fsmoe.parallel.comm import collective_device
 from fsmoe.train.distributed import Placement, global_grad_norm, rank_placement, resolve_device, setup
 from tests.dist_utils import run_cases
 
@@ -66,6 +67,7 @@ def case_setup_on_the_cpu(rank: int, world: int) -> tuple:
     for p in model.parameters():
         p.grad = torch.full_like(p, float(rank + 1))  # 'world'-replicated: each rank counts half of its own
     norm = global_grad_norm(model, world, ctx.groups)
+    assert collective_device() == collective_device(ctx.groups.group("ep")) == ctx.device  # gloo: the CPU
     return str(ctx.device), dist.get_backend(), ctx.rank, ctx.world, float(norm)
 
 
@@ -86,3 +88,26 @@ def test_setup_follows_the_placement_on_two_gloo_ranks() -> None:
     errors = out["case_cuda_without_enough_gpus_fails_alike_on_every_rank"].result()
     assert errors[0] == errors[1]
     assert "CUDA is not available" in errors[0] or "GPU(s) visible" in errors[0]
+
+
+def test_bf16_training_step_runs_the_forward_under_autocast_with_an_fp32_loss() -> None:
+    """``train_step(dtype="bf16")``: the first step's loss is fp32, close to the fp32 step's and not equal to
+    it (the matmuls ran in bf16); the master weights stay fp32 and move like the fp32 run's."""
+    from fsmoe.config import JobConfig
+    from fsmoe.train.data import BatchSampler
+    from fsmoe.train.trainer import build_grad_sync, build_model, build_optimizer, train_step
+
+    job = JobConfig().with_overrides({"model.seq_len": 16, "model.d_model": 32, "model.n_layers": 2,
+                                      "model.n_heads": 2, "model.d_ff": 64, "moe.d_hidden": 32,
+                                      "train.batch_size": 2, "train.lr_warmup": 1})
+    batch = BatchSampler(torch.arange(400) % 256, batch_size=2, seq_len=16, seed=0).sample()
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        model = build_model(job, None)
+        opt, sync = build_optimizer(model, job.train), build_grad_sync(model, job, None)
+        out = train_step(model, opt, sync, batch, 1, job.train, None, dtype=dtype)
+        results[dtype] = (out.loss.detach(), out.logits.dtype, {p.dtype for p in model.parameters()})
+    (l32, logits32, p32), (l16, logits16, p16) = results["fp32"], results["bf16"]
+    assert logits32 == torch.float32 and logits16 == torch.bfloat16
+    assert l16.dtype == torch.float32 and p16 == p32 == {torch.float32}
+    assert float(l16) != float(l32) and float(l16) == pytest.approx(float(l32), rel=2e-2)
