@@ -91,10 +91,27 @@ def _under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def _on_gpu(job: JobConfig) -> bool:
+    import torch
+
+    return job.run.device == "cuda" or (job.run.device == "auto" and torch.cuda.is_available())
+
+
+def check_profiled_job(job: JobConfig) -> None:
+    """``fsmoe profile`` / ``fsmoe plan``, and a planned ``fsmoe train``: the profiler times CPU workloads on
+    gloo ranks; on a GPU that would plan from the wrong machine, so it is refused, naming the way out."""
+    job.check_training()
+    if _on_gpu(job):
+        raise ValueError("the profiler measures CPU workloads on gloo ranks and does not run on CUDA yet; on GPUs "
+                         "give the degrees (--r-fwd/--r-bwd or --layer-degrees), or pass --device cpu")
+
+
 def check_train_job(job: JobConfig) -> None:
     """What can be checked once, before any rank starts (and again, cheaply, on every rank): the training
     rules, the gradient plan's syntax against the model's gradient stream; in the launching process also
     the data file and the run directory."""
+    if job.schedule.planned:
+        check_profiled_job(job)
     job.check_training()
     if job.schedule.gar_plan:
         from fsmoe.parallel.grad_plan import parse_plan
@@ -102,7 +119,14 @@ def check_train_job(job: JobConfig) -> None:
 
         parse_plan(job.schedule.gar_plan, rank_stream(job))
     if not _under_launcher():
+        import torch
+
         from fsmoe.train.data import check_data
+        from fsmoe.train.distributed import resolve_device
+
+        par = job.parallel  # the device every rank will get, checked once here (each rank checks it again)
+        resolve_device(job.run.device, local_rank=0, local_world_size=par.procs_per_node or par.nproc,
+                       num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
         from fsmoe.train.trainer import prepare_run_dir
 
         check_data(job.data, job.model.seq_len, job.model.vocab_size)
@@ -256,13 +280,13 @@ COMMANDS: tuple[Command, ...] = (
             "process groups — EP AlltoAll, ESP AllGather/ReduceScatter and the gradient all-reduce, idle and "
             "while experts compute; expert, gate and dense compute — fit t = alpha + beta*n per operation and "
             "cache the result (--profile-cache; --reprofile measures again).",
-            TRAIN_SECTIONS, handle_profile, check=JobConfig.check_training),
+            TRAIN_SECTIONS, handle_profile, check=check_profiled_job),
     Command(("plan",), "the planner's choice for this job: pipeline degrees per layer, gradient plan, why",
             "Profile (or read the cached profile), then run FSMoE's planner: per MoE layer the forward and "
             "backward pipeline degrees, the bound case and the bottleneck, the predicted time of every schedule, "
             "and the gradient all-reduce plan. Same flags as `fsmoe train`; `fsmoe train --schedule fsmoe` "
             "does the same by itself when no degree is given.",
-            TRAIN_SECTIONS, handle_plan, check=JobConfig.check_training, extra=_json_flag),
+            TRAIN_SECTIONS, handle_plan, check=check_profiled_job, extra=_json_flag),
     Command(("cluster", "cleanup"), "remove what dead emulated clusters left (namespaces, bridges, their ranks)",
             "Remove the network namespaces (and the processes in them) of emulated clusters whose launcher is "
             "gone — e.g. after a SIGKILL; a live run's cluster is left alone. Needs root.",

@@ -89,6 +89,14 @@ class ImplSpec:
 
 
 # --- the cluster ------------------------------------------------------------------------------------------
+def check_cpu_ranks(job: JobConfig, what: str) -> None:
+    """The benchmarks' ranks run on the CPU with gloo (:mod:`fsmoe.cluster.ranks`): ``--device cuda`` is
+    refused, naming the command, rather than ignored."""
+    if job.run.device == "cuda":
+        raise ValueError(f"{what}: the benchmark's ranks run on the CPU with gloo; --device cuda is not supported "
+                         "here yet (make gpu-check measures the layer on one GPU)")
+
+
 def open_bench_cluster(job: JobConfig) -> EmulatedCluster | LocalCluster:
     """The cluster a benchmark runs on (not yet entered): ``emulated`` (namespaces; fail if impossible),
     ``local`` (plain loopback, unshaped), ``auto`` (emulated where possible, else local with a warning)."""

@@ -19,6 +19,7 @@ from fsmoe.bench.harness import (
     DEEPSPEED,
     ImplSpec,
     RankResult,
+    check_cpu_ranks,
 )
 from fsmoe.bench.layer_predict import dense_grad_numel
 from fsmoe.bench.memory import PeakMemory
@@ -51,6 +52,9 @@ def quick_layer_job(job: JobConfig) -> JobConfig:
 def check_layer_job(job: JobConfig) -> None:
     """What the layer benchmark needs beyond the job's own rules; ``ValueError`` naming the values.
     Call it before any rank starts."""
+    check_cpu_ranks(job, "bench layer")
+    if job.run.dtype != "fp32":
+        raise ValueError(f"bench layer: the layer is timed in fp32; --dtype {job.run.dtype} is not supported here")
     par = job.parallel
     if par.mp != 1:
         raise ValueError(f"bench layer: the MoE layer has no tensor-parallel part; mp must be 1, got mp={par.mp}")

@@ -57,6 +57,7 @@ from fsmoe.bench.harness import (
     DEEPSPEED,
     ImplSpec,
     RankResult,
+    check_cpu_ranks,
     cpu_stats,
     other_load,
     rank_threads,
@@ -160,6 +161,7 @@ def check_train_job(job: JobConfig) -> None:
     """What the train benchmark needs beyond the job's own rules: every row's degrees and layout (each
     row's job validated against the model and the batch); ``ValueError`` naming the values. Call it
     before any rank starts."""
+    check_cpu_ranks(job, "bench train")
     EmulatedClusterSpec.from_job(job)
     for row in train_rows(job):
         row_job(job, row).check_training()
@@ -206,7 +208,8 @@ def _train_step(run: TrainRun, step: int) -> Tensor:
     """One trainer step at 1-based ``step``: the LM loss."""
     from fsmoe.train.trainer import train_step
 
-    out = train_step(run.model, run.opt, run.sync, run.batches.sample(), step, run.job.train, run.ctx)
+    out = train_step(run.model, run.opt, run.sync, run.batches.sample(), step, run.job.train, run.ctx,
+                     dtype=run.job.run.dtype)
     assert out.loss is not None
     return out.loss
 

@@ -111,3 +111,32 @@ def test_bf16_training_step_runs_the_forward_under_autocast_with_an_fp32_loss() 
     assert logits32 == torch.float32 and logits16 == torch.bfloat16
     assert l16.dtype == torch.float32 and p16 == p32 == {torch.float32}
     assert float(l16) != float(l32) and float(l16) == pytest.approx(float(l32), rel=2e-2)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["plan", "--device", "cuda"], "the profiler measures CPU workloads"),
+    (["train", "--device", "cuda", "--schedule", "fsmoe"], "the profiler measures CPU workloads"),
+    (["bench", "layer", "--device", "cuda"], "bench layer: the benchmark's ranks run on the CPU with gloo"),
+    (["bench", "layer", "--dtype", "bf16"], "bench layer: the layer is timed in fp32"),
+    (["bench", "train", "--device", "cuda"], "bench train: the benchmark's ranks run on the CPU with gloo"),
+])
+def test_what_does_not_run_on_a_gpu_yet_is_refused_not_ignored(argv: list[str], message: str,
+                                                                tmp_path, monkeypatch, capsys) -> None:
+    from fsmoe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_train_on_cuda_without_cuda_is_refused_before_any_rank_starts(tmp_path, monkeypatch, capsys) -> None:
+    from fsmoe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--device", "cuda", "--nproc", "2", "--ep", "2", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "--device cuda, but CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
