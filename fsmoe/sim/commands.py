@@ -54,10 +54,21 @@ def _error(command: str, e: ValueError) -> int:
     return 2
 
 
+def _check_out(job: JobConfig, marker: str) -> None:
+    """``run.out`` must not hold a previous result (``marker``) unless ``run.overwrite``."""
+    out = Path(job.run.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    if (out / marker).exists() and not job.run.overwrite:
+        raise ValueError(f"--out {str(out)!r} holds a previous result ({marker}); pass --overwrite to replace it, "
+                         "or choose another --out")
+
+
 def handle_simulate(job: JobConfig, args: argparse.Namespace) -> int:
     """Simulate ``job``'s model on its described cluster under every requested schedule: print the table,
     write ``simulation.json`` and ``job.toml`` to ``run.out`` and, with ``run.trace``, the timelines."""
     try:
+        _check_out(job, RESULTS)
         layout = sim_layout(job)
     except ValueError as e:
         return _error("simulate", e)
@@ -82,6 +93,7 @@ def handle_reproduce(job: JobConfig, args: argparse.Namespace) -> int:
     fix their own models and clusters (the paper's); of the job only ``run.out`` is used."""
     out = Path(job.run.out)
     try:
+        _check_out(job, "report.md")
         result = reproduce(out, echo=print)
     except ValueError as e:
         return _error("reproduce", e)

@@ -75,3 +75,16 @@ def test_reproduce_writes_the_report_plots_and_results(tmp_path, capsys) -> None
     report = (out / "report.md").read_text()
     assert "## Table 2" in report and "## Scale study" in report and "![fig7.png](fig7.png)" in report
     assert len(data["scale"]) == 2 and data["scale"][0]["gpus"][0] == 16 and data["scale"][0]["gpus"][-1] == 1024
+
+
+def test_a_previous_result_is_replaced_only_with_overwrite(tmp_path, capsys) -> None:
+    out = tmp_path / "sim"
+    argv = ["simulate", *SMALL, "--sim-schedules", "fsmoe", "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "simulation.json").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--sim-schedules", "tutel"]) == 2
+    assert "holds a previous result (simulation.json); pass --overwrite" in capsys.readouterr().err
+    assert (out / "simulation.json").read_text() == before  # untouched
+    assert main([*argv, "--sim-schedules", "tutel", "--overwrite"]) == 0
+    assert json.loads((out / "simulation.json").read_text())["runs"][0]["schedule"] == "tutel"
