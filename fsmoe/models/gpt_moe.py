@@ -154,6 +154,14 @@ class MoELanguageModel(nn.Module):
         self.cfg = cfg
         self.seq_shard: tuple[int, int] = (0, 1)
 
+    def _build_head(self, cfg: ModelConfig) -> None:
+        """The bias-free output head: the input embedding ``wte``'s weight when tied, else its own, drawn now."""
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.wte.weight
+        else:
+            nn.init.normal_(self.head.weight, std=INIT_STD)
+
     @property
     def moe_layers(self) -> list[nn.Module]:
         """The MoE layers (or wrappers of them that report ``last_stats``, e.g. a routing grid)."""
@@ -205,11 +213,7 @@ class GPTMoE(MoELanguageModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.wte.weight
-        else:
-            nn.init.normal_(self.head.weight, std=INIT_STD)
+        self._build_head(cfg)
 
     def forward(self, idx_BL: Tensor, targets: Tensor | None = None) -> ModelOutput:
         idx_BL, targets, pos_L = self._shard(idx_BL, targets)

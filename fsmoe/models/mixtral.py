@@ -132,11 +132,7 @@ class Mixtral(MoELanguageModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(MixtralBlock(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.ln_f = nn.RMSNorm(cfg.d_model, eps=RMS_EPS)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.wte.weight
-        else:
-            nn.init.normal_(self.head.weight, std=INIT_STD)
+        self._build_head(cfg)
 
     def forward(self, idx_BL: Tensor, targets: Tensor | None = None) -> ModelOutput:
         idx_BL, targets, _ = self._shard(idx_BL, targets)  # positions enter in attention, over the whole sequence
