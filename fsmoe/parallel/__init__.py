@@ -31,13 +31,15 @@ from fsmoe.parallel.parallelize import (
     reference_grid,
     remove_pipeline,
     shard_moe_layer,
+    tensor_parallel_attention,
 )
-from fsmoe.parallel.tensor_parallel import TensorParallelAttention
+from fsmoe.parallel.tensor_parallel import TensorParallelAttention, TensorParallelGQA
 
 __all__ = [
     "DISPATCHERS", "GROUP_KINDS", "AllToAllDispatcher", "GradSync", "GradientPlan", "GroupKind", "OneDHDispatcher",
     "ParallelDims", "PlannedGradSync", "ProcessGroups", "RankCoords", "RoutingGrid", "TensorParallelAttention",
+    "TensorParallelGQA",
     "TwoDHDispatcher", "apply_pipeline", "attach_gradient_plan", "build_dispatcher", "build_groups", "comm",
     "config_hash_check", "gpt_gradient_stream", "greedy_plan", "mark_replicas", "moe_layers", "parallelize_gpt",
-    "parse_plan", "pipeline_of", "reference_grid", "remove_pipeline", "shard_moe_layer",
+    "parse_plan", "pipeline_of", "reference_grid", "remove_pipeline", "shard_moe_layer", "tensor_parallel_attention",
 ]
