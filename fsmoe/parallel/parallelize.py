@@ -207,6 +207,7 @@ class RoutingGrid(nn.Module):
             raise ValueError(f"batch {B} × sequence {L} does not split into a {gb} × {gs} routing grid")
         cells = x_BLD.view(gb, B // gb, gs, L // gs, D)
         aux, dropped, assigned = x_BLD.new_zeros(()), 0, 0
+        load_E: Tensor | None = None
         rows = []
         for i in range(gb):
             row = []
@@ -214,11 +215,14 @@ class RoutingGrid(nn.Module):
                 row.append(self.layer(cells[i, :, j]))
                 s = self.layer.last_stats
                 aux, dropped, assigned = aux + s.aux_loss, dropped + s.num_dropped, assigned + s.num_assignments
+                if s.expert_load_E is not None:
+                    load_E = s.expert_load_E if load_E is None else load_E + s.expert_load_E
             rows.append(torch.stack(row, dim=1))
         out = torch.stack(rows, dim=0)  # (gb, B/gb, gs, L/gs, D)
         # Each rank's loss carries its own group's aux loss and the trainer averages losses over ranks,
         # so the reference averages the groups' aux losses.
-        self.last_stats = MoEStats(aux_loss=aux / (gb * gs), num_dropped=dropped, num_assignments=assigned)
+        self.last_stats = MoEStats(aux_loss=aux / (gb * gs), num_dropped=dropped, num_assignments=assigned,
+                                   expert_load_E=load_E)  # summed over the groups, as the trainer sums ranks
         return out.reshape(B, L, D)
 
 

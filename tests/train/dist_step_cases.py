@@ -92,6 +92,10 @@ def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int
         e = model_cfg.moe.num_experts // ep
         h = model_cfg.moe.d_hidden // esp
         errs = {"loss": abs(float(loss) / world - float(out.loss.detach())), "grad_norm": abs(norm - ref_norm)}
+        loads = torch.stack([st.expert_load_E.double() for st in out_d.moe_stats])  # tokens kept per expert
+        torch.distributed.all_reduce(loads)  # every rank routes its own group: the sum is the grid's
+        ref_loads = torch.stack([st.expert_load_E.double() for st in out.moe_stats])
+        errs["expert_load"] = float((loads - ref_loads).abs().max())
         for n, p in model.named_parameters():
             errs[f"grad:{n}"] = float((grads[n] - _ref_slice(n, p, ref_grads, coords, e, h, mp)).abs().max())
             errs[f"param:{n}"] = float((p.detach() - _ref_slice(n, p, ref_params, coords, e, h, mp)).abs().max())
