@@ -234,7 +234,7 @@ def mixtral_tiny() -> ModelConfig:
 def gpt2_xl_moe() -> ModelConfig:
     """The paper's GPT2-XL-MoE (digest §6.5): GPT2-XL's 48 layers, D=1600, 25 heads, L=1024, every block
     MoE with FFN experts of H=4D, top-2, f=1.2; 8 experts (the paper sets E by the cluster). A
-    planning/simulation preset: about 10B parameters, never built on this machine."""
+    simulation preset: about 8.4B parameters, never built on this machine."""
     return ModelConfig(name="gpt2-xl-moe", vocab_size=50257, seq_len=1024, d_model=1600, n_layers=48, n_heads=25,
                        d_ff=6400, moe_every=1,
                        moe=MoEConfig(num_experts=8, top_k=2, d_hidden=6400, capacity_factor=1.2))
@@ -242,7 +242,7 @@ def gpt2_xl_moe() -> ModelConfig:
 
 def mixtral_8x7b() -> ModelConfig:
     """Mixtral-8x7B: 32 layers, D=4096, 32 heads / 8 KV heads, 8 SwiGLU experts of H=14336, top-2,
-    vocabulary 32000, RoPE base 1e6; about 46.7B parameters. A planning/simulation preset."""
+    vocabulary 32000, RoPE base 1e6; about 46.7B parameters. A simulation preset."""
     return ModelConfig(name="mixtral-8x7b", arch="mixtral", vocab_size=32000, seq_len=4096, d_model=4096,
                        n_layers=32, n_heads=32, n_kv_heads=8, rope_theta=1e6, d_ff=14336, moe_every=1,
                        tie_embeddings=False,
@@ -251,14 +251,14 @@ def mixtral_8x7b() -> ModelConfig:
 
 def mixtral_8x22b() -> ModelConfig:
     """Mixtral-8x22B: 56 layers, D=6144, 48 heads / 8 KV heads, 8 SwiGLU experts of H=16384, top-2,
-    vocabulary 32768, RoPE base 1e6; about 141B parameters. A planning/simulation preset."""
+    vocabulary 32768, RoPE base 1e6; about 141B parameters. A simulation preset."""
     return ModelConfig(name="mixtral-8x22b", arch="mixtral", vocab_size=32768, seq_len=4096, d_model=6144,
                        n_layers=56, n_heads=48, n_kv_heads=8, rope_theta=1e6, d_ff=16384, moe_every=1,
                        tie_embeddings=False,
                        moe=MoEConfig(num_experts=8, top_k=2, d_hidden=16384, expert="swiglu", capacity_factor=1.2))
 
 
-# The largest model fsmoe builds on a CPU; the paper-sized presets are for `fsmoe plan` and `fsmoe simulate`.
+# The largest model fsmoe builds on a CPU; the paper-sized presets are for `fsmoe simulate`.
 MAX_CPU_PARAMS = 2_000_000_000
 
 
@@ -635,7 +635,7 @@ class JobConfig:
         if params > MAX_CPU_PARAMS and self.run.device != "cuda":
             raise ValueError(f"model {self.model.name!r} has about {params / 1e9:.1f}B parameters, more than the "
                              f"{MAX_CPU_PARAMS / 1e9:.0f}B fsmoe builds without --device cuda; it is a preset for "
-                             "`fsmoe plan` and `fsmoe simulate`")
+                             "`fsmoe simulate` (which shows the planner's degrees per layer too)")
         if self.train.batch_size % self.parallel.dense_dp:
             raise ValueError(f"global batch {self.train.batch_size} is not divisible by the dense data-parallel "
                              f"degree {self.parallel.dense_dp}")
