@@ -18,15 +18,13 @@ run's results and :func:`load_toml` reads it back into the same job.
 
 This package is the bottom of fsmoe: it imports nothing from the rest of fsmoe, reads no environment
 and starts nothing. ``values`` holds the primitive vocabulary (choices, parsers, schedule capabilities,
-link rates), ``job`` the sections and the job, ``files`` the TOML files.
+link rates), ``model`` the model section and its presets, ``job`` the other sections and the job,
+``files`` the TOML files.
 """
 
 from fsmoe.config.files import dump_toml, load_toml, read_toml_overrides
 from fsmoe.config.job import (
     DEFAULT_BENCH_SCHEDULES,
-    GATE_IGNORES,
-    MAX_CPU_PARAMS,
-    MODEL_PRESETS,
     PLANNED_SCHEDULES,
     RECIPES,
     SECTIONS,
@@ -35,8 +33,6 @@ from fsmoe.config.job import (
     DataConfig,
     FlagSpec,
     JobConfig,
-    ModelConfig,
-    MoEConfig,
     ParallelConfig,
     PlanConfig,
     RunConfig,
@@ -48,16 +44,23 @@ from fsmoe.config.job import (
     coerce,
     flag_specs,
     get_value,
+    layer_bench_recipe,
+    train_bench_recipe,
+    train_recipe,
+)
+from fsmoe.config.model import (
+    GATE_IGNORES,
+    MAX_CPU_PARAMS,
+    MODEL_PRESETS,
+    ModelConfig,
+    MoEConfig,
     gpt2_moe_small,
     gpt2_moe_tiny,
     gpt2_xl_moe,
-    layer_bench_recipe,
     mixtral_8x7b,
     mixtral_8x22b,
     mixtral_tiny,
     model_preset,
-    train_bench_recipe,
-    train_recipe,
 )
 from fsmoe.config.values import (
     DISPATCHER_NAMES,
