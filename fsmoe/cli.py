@@ -127,7 +127,7 @@ def check_train_job(job: JobConfig) -> None:
         par = job.parallel  # the device every rank will get, checked once here (each rank checks it again)
         resolve_device(job.run.device, local_rank=0, local_world_size=par.procs_per_node or par.nproc,
                        num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        from fsmoe.train.trainer import prepare_run_dir
+        from fsmoe.train.rundir import prepare_run_dir
 
         check_data(job.data, job.model.seq_len, job.model.vocab_size)
         prepare_run_dir(job)

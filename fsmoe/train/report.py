@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fsmoe.config import JobConfig, load_toml
-from fsmoe.train.trainer import CONFIG_FILE, METRICS_FILE, STATUS_FILE, SUMMARY_FILE
+from fsmoe.train.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, SUMMARY_FILE
 
 REPORT_DIR = "report"
 LOSS_PNG = "loss.png"

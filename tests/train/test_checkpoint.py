@@ -38,7 +38,8 @@ from fsmoe.train.checkpoint import (
 )
 from fsmoe.train.data import load_corpus
 from fsmoe.train.distributed import DistContext
-from fsmoe.train.trainer import RankBatches, build_grad_sync, build_model, build_optimizer, prepare_run_dir, train_step
+from fsmoe.train.rundir import prepare_run_dir
+from fsmoe.train.trainer import RankBatches, build_grad_sync, build_model, build_optimizer, train_step
 from tests.dist_utils import run_distributed
 
 # No capacity limit: no token is dropped, so routing (and the logits) do not depend on how the tokens are
