@@ -394,6 +394,13 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync(root)
 
 
+def rewind_latest(ckpt: Checkpoint) -> None:
+    """Point ``latest`` of the run that holds ``ckpt`` back at it: a run resumed in place from an earlier
+    checkpoint and stopped before its next save resumes from there again, not from the checkpoints of the
+    abandoned continuation (those are removed at the next save, :func:`_prune`)."""
+    _point_latest(ckpt.path.parent, ckpt.path.name)
+
+
 def _prune(root: Path, step: int, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints up to ``step``; remove older ones and any after ``step``."""
     steps = sorted(int(m[1]) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name)))
@@ -532,7 +539,7 @@ def load_checkpoint(
 
 
 __all__ = [
-    "CHECKPOINTS_DIR", "Checkpoint", "LATEST_FILE", "Restored", "ShardMap", "Slot", "check_resume",
+    "CHECKPOINTS_DIR", "Checkpoint", "LATEST_FILE", "Restored", "ShardMap", "Slot", "check_resume", "rewind_latest",
     "config_differences", "load_checkpoint", "read_checkpoint", "read_tensors", "resolve_checkpoint",
     "save_checkpoint", "step_dir_name",
 ]

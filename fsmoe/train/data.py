@@ -254,10 +254,12 @@ _TEXT_BYTES = frozenset(range(32, 127)) | {9, 10, 12, 13}
 def check_data(cfg: DataConfig, seq_len: int, vocab_size: int | None = None) -> None:
     """The checks that can be made before any rank starts, once (:class:`DataError` naming the file and the
     numbers). Token data: every check of :func:`load_tokens`, against the model's ``vocab_size`` when
-    given. A byte file: readable and long enough for two sequences, and a warning when its first 64 KiB do
+    given. Bytes (the embedded corpus' budget or a file): long enough for both splits at ``val_fraction``, exactly
+as :func:`load_corpus` will split them; a file also readable, and a warning when its first 64 KiB do
     not look like text (any bytes are trained on as they are, so a binary file would train silently on
     noise)."""
-    if cfg.path is None:
+    if cfg.path is None:  # the embedded corpus: its budget must hold both splits
+        validation_size(cfg.max_bytes, cfg.val_fraction, seq_len, f"the embedded corpus (--data-bytes {cfg.max_bytes})")
         return
     path = Path(cfg.path)
     if is_token_data(path):
@@ -265,10 +267,7 @@ def check_data(cfg: DataConfig, seq_len: int, vocab_size: int | None = None) -> 
         return
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist or is not a file")
-    size = path.stat().st_size
-    if size < 2 * (seq_len + 1):
-        raise DataError(f"data file {str(path)!r} has {size} bytes, too short for seq_len={seq_len}: the train and "
-                        f"validation splits need at least {2 * (seq_len + 1)} bytes in all")
+    validation_size(path.stat().st_size, cfg.val_fraction, seq_len, f"data file {str(path)!r}")  # as load_corpus
     try:
         with path.open("rb") as f:
             head = f.read(TEXT_SNIFF_BYTES)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fsmoe.config import JobConfig, load_toml
-from fsmoe.train.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, SUMMARY_FILE
+from fsmoe.train.rundir import CONFIG_FILE, METRICS_FILE, STATUS_FILE, SUMMARY_FILE, perplexity
 
 REPORT_DIR = "report"
 LOSS_PNG = "loss.png"
@@ -257,9 +257,9 @@ def report_markdown(files: RunFiles, run_dir: Path, steps_S: list[int], share_SL
     val = _val_points(files)
     if val:
         best = min(val, key=lambda p: p[1])
-        rows.append(("validation loss", f"best {best[1]:.4f} (step {best[0]}, perplexity {math.exp(best[1]):.2f}), "
+        rows.append(("validation loss", f"best {best[1]:.4f} (step {best[0]}, perplexity {perplexity(best[1]):.2f}), "
                                         f"last {val[-1][1]:.4f} (step {val[-1][0]}, perplexity "
-                                        f"{math.exp(val[-1][1]):.2f})"))
+                                        f"{perplexity(val[-1][1]):.2f})"))
     else:
         rows.append(("validation loss", "none yet"))
     if "tokens_per_s" in summary:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -134,8 +135,11 @@ def drop_records_after(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    path.write_text("".join(kept))
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".tmp-{path.name}")  # written beside it, then renamed: a kill keeps the old file
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

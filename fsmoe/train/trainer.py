@@ -62,6 +62,7 @@ from fsmoe.train.checkpoint import (
     ShardMap,
     check_resume,
     load_checkpoint,
+    rewind_latest,
     save_checkpoint,
 )
 from fsmoe.train.data import BatchSampler, Corpus, load_corpus
@@ -378,9 +379,11 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
         if plan is not None:
             (out_dir / PLAN_FILE).write_text(plan_json)
             print(plan.explain(), flush=True)
-        if in_place:
+        if in_place:  # this run continues from ``resume``: what came after it in the directory is not its history
             assert resume is not None
             drop_records_after(metrics_path, resume.step)
+            rewind_latest(resume)
+            (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     batches = RankBatches(corpus.train_N, job, job.run.seed, ctx)
     device = ctx.device if ctx is not None else rank_placement(job.run.device).device
     model = build_model(job, ctx, device=device)
@@ -438,7 +441,7 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
             progress.advance()
 
             out_of_time = cfg.max_seconds is not None and train_seconds >= cfg.max_seconds
-            if ctx is not None:  # every rank must stop at the same step
+            if ctx is not None and cfg.max_seconds is not None:  # every rank must stop at the same step
                 out_of_time = bool(_world_mean([float(out_of_time)], ctx)[0] > 0)
             last = step == cfg.steps or out_of_time
             if step == 1 or step % cfg.log_every == 0 or last:

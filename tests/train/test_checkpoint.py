@@ -201,8 +201,12 @@ def test_a_crash_before_latest_is_updated_keeps_the_previous_one(tmp_path: Path,
     out = tmp_path / "run"
     run_train(_job(out, steps=1, save_every=1))
 
-    def crash(root: Path, name: str) -> None:
-        raise OSError(28, "No space left on device")
+    point_latest = ck._point_latest
+
+    def crash(root: Path, name: str) -> None:  # resuming points latest at step 1 again; the save then fails
+        if name != "step_000001":
+            raise OSError(28, "No space left on device")
+        point_latest(root, name)
 
     monkeypatch.setattr(ck, "_point_latest", crash)
     with pytest.raises(OSError, match="No space left"):

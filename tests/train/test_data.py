@@ -141,3 +141,21 @@ def test_sampler_covers_the_last_window() -> None:
 def test_sampler_rejects_short_split() -> None:
     with pytest.raises(ValueError, match="8 bytes is too short for seq_len=8"):
         BatchSampler(torch.zeros(8, dtype=torch.uint8), batch_size=1, seq_len=8, seed=0)
+
+
+def test_check_data_refuses_what_load_corpus_would_refuse(tmp_path: Path) -> None:
+    """The check before any rank starts splits as the ranks will: val_fraction counts, and the embedded
+    corpus' budget is checked too."""
+    from fsmoe.train.data import check_data
+
+    small = tmp_path / "small.txt"
+    small.write_text("x" * 100)
+    cfg = DataConfig(path=str(small), val_fraction=0.9)
+    with pytest.raises(DataError, match="has 100 bytes, too short for seq_len=16") as early:
+        check_data(cfg, 16)
+    with pytest.raises(DataError) as late:
+        load_corpus(cfg, 16)
+    assert str(early.value) == str(late.value)
+    with pytest.raises(DataError, match=r"the embedded corpus \(--data-bytes 30\) has 30 bytes, too short"):
+        check_data(DataConfig(max_bytes=30), 16)
+    check_data(DataConfig(path=str(small), val_fraction=0.1), 16)  # fits: no error

@@ -70,6 +70,17 @@ def test_single_process_resume_into_the_same_run_is_bit_exact(tmp_path: Path) ->
     assert json.loads((out / "summary.json").read_text())["steps"] == 20
 
 
+def test_resuming_in_place_rewinds_latest_to_the_checkpoint_it_continues(tmp_path: Path) -> None:
+    """A run resumed in place from step 10 that saves nothing more: ``latest`` names step 10 again (not the
+    abandoned step 20), so a further resume continues this run's history."""
+    out = tmp_path / "run"
+    run_train(_job(out, steps=12, save_every=5, eval_every=None))  # checkpoints at 5, 10 and 12
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000012"
+    run_train(_job(out, steps=12, save_every=None, resume=str(out / "checkpoints" / "step_000005")))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    assert [s for s, _ in train_losses(out / "metrics.jsonl")] == list(range(1, 13))
+
+
 # --- 4 ranks: MP=2 x EP=2 --------------------------------------------------------------------------------
 
 LAYOUT = ParallelConfig(nproc=4, procs_per_node=4, mp=2, ep=2)
