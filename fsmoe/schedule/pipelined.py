@@ -187,6 +187,8 @@ class _PipelinedBlock(torch.autograd.Function):
         impls = {"dispatch": dispatch, "gather": gather, "expert": expert, "reduce": reduce, "combine": combine}
         pipe.runtime.run(forward_tasks(pipe.spec, r), impls)
         ctx.pipe, ctx.disp, ctx.experts, ctx.shape = pipe, disp, experts, (E, C, D)
+        device = x_ECD.device.type  # backward computes in the forward's autocast state (torch.amp.custom_bwd)
+        ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.stash = _Stash(pieces)
         (y_ECD,) = y
         if y_ECD.untyped_storage().data_ptr() == x_ECD.untyped_storage().data_ptr():  # e.g. identity experts
@@ -254,6 +256,8 @@ class _PipelinedBlock(torch.autograd.Function):
             "dispatch_bwd": dispatch_bwd,
             "gar": gar,
         }
-        pipe.runtime.run(backward_tasks(pipe.spec, r, with_gar=pipe.gar is not None), impls)
+        device, enabled, dtype = ctx.amp
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            pipe.runtime.run(backward_tasks(pipe.spec, r, with_gar=pipe.gar is not None), impls)
         return (dx[0], None, None, None, *pgrads)
 

@@ -90,16 +90,18 @@ def test_setup_follows_the_placement_on_two_gloo_ranks() -> None:
     assert "CUDA is not available" in errors[0] or "GPU(s) visible" in errors[0]
 
 
-def test_bf16_training_step_runs_the_forward_under_autocast_with_an_fp32_loss() -> None:
-    """``train_step(dtype="bf16")``: the first step's loss is fp32, close to the fp32 step's and not equal to
-    it (the matmuls ran in bf16); the master weights stay fp32 and move like the fp32 run's."""
+@pytest.mark.parametrize("schedule", [{}, {"schedule.name": "fsmoe", "schedule.r_fwd": 2, "schedule.r_bwd": 2}])
+def test_bf16_training_step_runs_the_forward_under_autocast_with_an_fp32_loss(schedule: dict) -> None:
+    """``train_step(dtype="bf16")``, plain and pipelined (whose backward runs in the forward's autocast
+    state): the first step's loss is fp32, close to the fp32 step's and not equal to it (the matmuls ran in
+    bf16); the master weights stay fp32."""
     from fsmoe.config import JobConfig
     from fsmoe.train.data import BatchSampler
     from fsmoe.train.trainer import build_grad_sync, build_model, build_optimizer, train_step
 
     job = JobConfig().with_overrides({"model.seq_len": 16, "model.d_model": 32, "model.n_layers": 2,
                                       "model.n_heads": 2, "model.d_ff": 64, "moe.d_hidden": 32,
-                                      "train.batch_size": 2, "train.lr_warmup": 1})
+                                      "train.batch_size": 2, "train.lr_warmup": 1, **schedule})
     batch = BatchSampler(torch.arange(400) % 256, batch_size=2, seq_len=16, seed=0).sample()
     results = {}
     for dtype in ("fp32", "bf16"):
