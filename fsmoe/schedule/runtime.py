@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -92,6 +93,9 @@ class Runtime:
         """Issue ``tasks`` in order; ``impls[kind](chunk)`` does the work. Returns when all are done (CPU),
         or when all are issued and the current stream waits for them (CUDA)."""
         check_tasks(tasks)
+        missing = sorted({t.kind for t in tasks} - impls.keys())
+        if missing:  # before anything is queued: a lane left waiting on a task never run would hang the runtime
+            raise ValueError(f"Runtime.run: no implementation for task kinds {', '.join(missing)}")
         if self.streams is None:
             self._run_threads(tasks, impls)
         else:
@@ -163,6 +167,7 @@ class Runtime:
             lane.follow(start)
             lane.last = None
         consumed = {d for t in tasks for d in t.deps}
+        uses = Counter(d for t in tasks for d in t.deps)
         marks: list[tuple[Task, Event, Event]] = []
         done: dict[tuple[str, int], StreamDone] = {}
         finals: list[StreamDone] = []
@@ -171,9 +176,14 @@ class Runtime:
                 lane = lane_of[task.channel]
                 fn = self._stream_timed(task, impls[task.kind], lane, marks)
                 done[task.key] = lane.submit(fn, [done[d] for d in task.deps])
+                for d in task.deps:  # recorded on this task's stream by submit: the last consumer frees it
+                    uses[d] -= 1
+                    if uses[d] == 0:
+                        done[d].outputs = ()
             finals = [d for key, d in done.items() if key not in consumed]
             for d in finals:
                 compute.consume(d)
+                d.outputs = ()
         finally:
             for lane in comm:
                 if lane.last is not None and all(lane.last is not d for d in finals):  # else waited on above

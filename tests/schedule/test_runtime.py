@@ -136,3 +136,18 @@ def test_a_failing_compute_task_releases_the_lanes_waiting_on_later_compute() ->
     # combine[1] was released with the error (it did not run) and the lane still serves new runs
     rt.run([Task(kind="combine", chunk=2, channel="inter")], {"combine": lambda c: ran.append(f"combine{c}")})
     assert ran == ["combine2"]
+
+
+def test_a_task_kind_without_implementation_is_refused_before_anything_runs() -> None:
+    """Refused up front (naming the kinds), and the runtime still works after: nothing was left queued."""
+    spec = get_schedule("fsmoe")
+    runtime = Runtime.for_schedule(spec)
+    tasks = forward_tasks(spec, 2)
+    ran: list[str] = []
+    impls = {kind: (lambda c, k=kind: ran.append(f"{k}{c}")) for kind in {t.kind for t in tasks}}
+    missing = next(iter(impls))
+    with pytest.raises(ValueError, match=f"no implementation for task kinds {missing}"):
+        runtime.run(tasks, {k: v for k, v in impls.items() if k != missing})
+    assert ran == []
+    runtime.run(tasks, impls)
+    assert len(ran) == len(tasks)
