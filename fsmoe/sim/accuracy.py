@@ -6,16 +6,17 @@ k, EP, ESP, the gate's C), the profile cache file its ranks used, and per row (`
 ``fsmoe r=2/4``, ``fsmoe auto r=2/1``, ...) the measured median. The layer benchmark times one MoE layer:
 gate + Order + I-Order, the expert block, and a dense Gradient-AllReduce of ``dense_grad_mb`` with no dense
 part beside it. :func:`replay_case` builds that as a one-row :class:`~fsmoe.sim.engine.LayerBatch` (no
-attention, no MP collectives; the gate's line from the profile), plays the row's schedule at the row's
-(r_fwd, r_bwd) with :func:`~fsmoe.sim.engine.layer_tables` and places the GAR as the schedule does
-(:func:`~fsmoe.sim.engine.schedule_layer`). The engine plays the collectives' *idle* lines (no contention
-model, unlike the planner's evaluator :func:`fsmoe.perf.model.play_contended`), so this measures the
-simulator as it runs for any described cluster.
+attention, no MP collectives; the gate's line from the profile) and plays the row's schedule at the row's
+(r_fwd, r_bwd) with :func:`~fsmoe.sim.engine.layer_tables`, the collectives contended by their overlap with
+compute as the planner's evaluator contends them (:func:`fsmoe.perf.model.play_contended`). The GAR is
+placed where the benchmark ran it: after the backward (schedules without a slot), or all of it inside the
+MoE backward, itself contended between its idle and busy lines (:func:`gar_in_block`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,21 @@ from typing import Any
 
 import numpy as np
 
-from fsmoe.config import get_schedule
-from fsmoe.sim.engine import DenseTimes, LayerBatch, layer_tables, schedule_layer
+from fsmoe.config import ScheduleSpec, get_schedule
+from fsmoe.perf.costs import Costs
+from fsmoe.perf.model import pass_tasks
+from fsmoe.schedule.schedules import lanes_for
+from fsmoe.sim.engine import (
+    DenseTimes,
+    LayerBatch,
+    chunk_durations,
+    contended_durations,
+    gar_time,
+    layer_tables,
+    makespan,
+    play_spans,
+    schedule_layer,
+)
 from fsmoe.sim.presets import Cluster, profiled
 
 TARGET = 0.10  # the issue's bound on the median |error|
@@ -79,6 +93,19 @@ def case_cluster(case: dict[str, Any], profile: Path) -> Cluster:
     return profiled(profile, nodes=world // per_node, gpus_per_node=per_node, mp=1, gemms=2)
 
 
+def gar_in_block(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, r_fwd: int, r_bwd: int) -> np.ndarray:
+    """The MoE block's backward at ``r_bwd`` (C padded for both degrees) with all of ``batch.grad_bytes``
+    all-reduced in its GAR slot, the slice contended between its idle and busy lines like every other
+    collective (as the layer benchmark runs it and its predicted column models it)."""
+    pad = math.lcm(r_fwd, r_bwd)
+    busy = chunk_durations(batch, costs, r_bwd, pad, busy=True) if costs.busy else None
+    tasks = pass_tasks(spec, r_bwd, backward=True, with_gar=True)
+    idle_gar = gar_time(costs.op("gar"), batch.grad_bytes)
+    durations = contended_durations(tasks, lanes_for(spec), chunk_durations(batch, costs, r_bwd, pad), idle_gar, busy,
+                                    gar_busy_s=gar_time(costs.op("gar", busy=True), batch.grad_bytes) if busy else None)
+    return makespan(play_spans(tasks, lanes_for(spec), durations))
+
+
 def replay_case(case: dict[str, Any], grad_bytes: float, profile: Path) -> list[RowReplay]:
     """Every row of ours in ``case``, simulated from ``profile`` (see the module docstring)."""
     cluster = case_cluster(case, profile)
@@ -93,9 +120,13 @@ def replay_case(case: dict[str, Any], grad_bytes: float, profile: Path) -> list[
         schedule, rf, rb = parse_row(row["name"])
         spec = get_schedule(schedule)
         tables = layer_tables(spec, batch, costs, pairs=[(rf, rb)])
-        res = schedule_layer(spec, tables, dense, batch.grad_bytes, costs)
+        if spec.gar_in_moe:  # the benchmark runs the whole GAR inside the MoE backward: played there, contended
+            simulated = float(tables.F[0, 0] + gar_in_block(spec, batch, costs, rf, rb)[0]
+                              + dense.fwd_s[0] + dense.bwd_s[0])
+        else:
+            simulated = float(schedule_layer(spec, tables, dense, batch.grad_bytes, costs).total_s[0])
         out.append(RowReplay(case=case["name"], name=row["name"], schedule=schedule, r_fwd=rf, r_bwd=rb,
-                             measured_s=row["median_s"], simulated_s=float(res.total_s[0])))
+                             measured_s=row["median_s"], simulated_s=simulated))
     return out
 
 
@@ -133,8 +164,9 @@ class AccuracyReport:
 
 
 def replay_run(path: str | Path, profile_dir: str | Path | None = None) -> AccuracyReport:
-    """Replay every case of a planner-accuracy JSON. A case's profile is the file its run named, or the
-    file of that name in ``profile_dir``; a case whose profile is missing is skipped, saying which file."""
+    """Replay every case of a planner-accuracy JSON. A case's costs are those its run recorded beside it
+    (``cases/<name>/layer.json``), else the profile file it named, or that file in ``profile_dir``; a case
+    whose profile is missing is skipped, saying which file."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -145,7 +177,12 @@ def replay_run(path: str | Path, profile_dir: str | Path | None = None) -> Accur
     skipped: dict[str, str] = {}
     for case in data["cases"]:
         named = Path(case["profile"]["cache_path"])
-        profile = named if profile_dir is None else Path(profile_dir).expanduser() / named.name
+        # the costs the run used, as its case recorded them (the cache file may have been profiled again since)
+        own = p.parent / "cases" / "".join(ch if ch.isalnum() else "_" for ch in case["name"]) / "layer.json"
+        if profile_dir is not None:
+            profile = Path(profile_dir).expanduser() / named.name
+        else:
+            profile = own if own.is_file() else named
         if not profile.is_file():
             skipped[case["name"]] = f"profile {profile} not found (the run measured it; rerun its profile)"
             continue

@@ -166,20 +166,25 @@ def contended(lo: Array, hi: Array, d: Array, covered: Array, inside: Array) -> 
 
 
 def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: Mapping[str, Array],
-                        gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None
-                        ) -> dict[tuple[str, int], Array | float]:
+                        gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None,
+                        gar_busy_s: Array | float | None = None) -> dict[tuple[str, int], Array | float]:
     """Every task's duration per layer: the task kind's operation in ``op_s`` (:data:`fsmoe.perf.model.KIND_OP`;
     ``gar`` takes ``gar_s``). With ``busy_s`` (the collectives beside compute) each communication task's is
     then found as :func:`fsmoe.perf.model.play_contended` finds it: after each play it takes
     :func:`contended` against that play's compute spans, replayed until no duration of a layer moves by
     more than ``CONTENTION_TOL`` of its makespan, at most ``CONTENTION_PLAYS`` plays; a layer that has
-    settled keeps its durations, so each row is played exactly as alone. ``gar`` is not contended."""
+    settled keeps its durations, so each row is played exactly as alone. ``gar`` is contended too when
+    ``gar_busy_s`` is given (``gar_s`` then is its idle time), as ``play_pass(t_gar=, t_gar_idle=)`` does."""
     durations: dict[tuple[str, int], Array | float] = {
         t.key: (gar_s if t.kind == "gar" else op_s[KIND_OP[t.kind][0]]) for t in tasks}
     if busy_s is None:
         return durations
     lo = dict(durations)
-    comm = [t for t in tasks if t.channel != "compute" and t.kind != "gar"]
+    comm = [t for t in tasks if t.channel != "compute" and (t.kind != "gar" or gar_busy_s is not None)]
+
+    def busy_of(t: Task) -> Array:
+        return np.asarray(gar_busy_s if t.kind == "gar" else busy_s[KIND_OP[t.kind][0]], dtype=float)
+
     spans = play_spans(tasks, lanes, durations)
     active: Array | bool = True
     for _ in range(CONTENTION_PLAYS - 1):
@@ -192,8 +197,7 @@ def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: M
                           np.zeros_like(s))
             inside = functools.reduce(np.logical_or, ((cs < e) & (e < ce) for cs, ce in compute),
                                       np.zeros_like(s, dtype=bool))
-            new[t.key] = contended(np.asarray(lo[t.key], dtype=float), busy_s[KIND_OP[t.kind][0]], e - s, covered,
-                                   inside)
+            new[t.key] = contended(np.asarray(lo[t.key], dtype=float), busy_of(t), e - s, covered, inside)
             moved = np.maximum(moved, np.abs(new[t.key] - durations[t.key]))
         active = active & (moved > CONTENTION_TOL * makespan(spans))
         if not np.any(active):

@@ -11,9 +11,11 @@ import pytest
 
 from fsmoe.config import get_schedule
 from fsmoe.perf.costs import Costs, Linear
+from fsmoe.perf.model import LayerWork
+from fsmoe.perf.planner import predict_layer
 from fsmoe.sim.accuracy import case_batch, parse_row, replay_run
 from fsmoe.sim.engine import DenseTimes, layer_tables, schedule_layer
-from fsmoe.sim.presets import profiled
+from fsmoe.sim.presets import load_profile_costs, profiled
 
 
 def test_row_names() -> None:
@@ -30,7 +32,8 @@ def _run(tmp_path, *, with_profile: bool) -> tuple[str, str]:
                                "dense_fwd", "dense_bwd")}
     profile = tmp_path / "profile-abc.json"
     if with_profile:
-        profile.write_text(json.dumps({"key": {}, "costs": Costs(ops=ops, busy={"a2a": line.scaled(1.5)}).to_dict()}))
+        busy = {"a2a": line.scaled(1.5), "gar": line.scaled(2.0)}
+        profile.write_text(json.dumps({"key": {}, "costs": Costs(ops=ops, busy=busy).to_dict()}))
     case = {"name": "c", "config": {"tokens": 64, "d_model": 8, "d_hidden": 16, "experts": 4, "ep": 2, "esp": 2,
                                     "capacity": 40},
             "profile": {"cache_path": str(profile)},
@@ -52,9 +55,16 @@ def test_replay_is_the_engine_on_the_benchmarks_layer(tmp_path) -> None:
     gate = 1e-3 + 1e-8 * 64 * 8 * 4
     z = np.zeros(1)
     dense = DenseTimes(attn_fwd=z, attn_bwd=z, mp_comm=z, gate_fwd=np.array([gate]), gate_bwd=np.array([gate]))
-    spec = get_schedule("fsmoe")
-    want = schedule_layer(spec, layer_tables(spec, batch, costs, pairs=[(2, 4)]), dense, batch.grad_bytes, costs)
-    assert report.rows[1].simulated_s == pytest.approx(float(want.total_s[0]), rel=1e-12)
+    seq = get_schedule("sequential")
+    want = schedule_layer(seq, layer_tables(seq, batch, costs, pairs=[(1, 1)]), dense, batch.grad_bytes, costs)
+    assert report.rows[0].simulated_s == pytest.approx(float(want.total_s[0]), rel=1e-12)
+    # fsmoe ran the whole GAR inside its MoE backward: the replay equals the planner's evaluator, which plays
+    # the same placement with the slice contended between its idle and busy lines
+    work = LayerWork(tokens=64, d_model=8, d_hidden=16, num_experts=4, ep=2, esp=2, gemms=2, gate_width=4,
+                     capacity_gate=40)
+    measured = load_profile_costs(profile)  # as profiled: expert lines over both GEMMs (profiled() splits them)
+    evaluator = predict_layer("fsmoe", work, measured, 2, 4, gar_bytes=int(batch.grad_bytes[0]))
+    assert report.rows[1].simulated_s == pytest.approx(evaluator.total_s, rel=1e-9)
     assert report.rows[1].error == pytest.approx(report.rows[1].simulated_s / 0.04 - 1)
     assert report.median_abs_error() == pytest.approx(float(np.median([abs(r.error) for r in report.rows])))
     assert "median |error| over 2 rows" in report.text()
