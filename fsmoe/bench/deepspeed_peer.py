@@ -180,6 +180,8 @@ def build_deepspeed_step(work: LayerWorkload, threads: int) -> Step | str:
 def deepspeed_unable(job: JobConfig) -> str | None:
     """Why the DeepSpeed twin cannot mirror ``job``'s model and layout (pure checks), or None."""
     moe, par = job.moe, job.parallel
+    if job.model.arch != "gpt":
+        return f"the DeepSpeed twin is built on the GPT-MoE model, not arch {job.model.arch!r}"
     if par.mp > 1:
         return f"the DeepSpeed twin runs without tensor parallelism (mp=1), got mp={par.mp}"
     if moe.gate not in DS_GATES or moe.noisy:

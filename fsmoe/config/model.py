@@ -156,6 +156,7 @@ class ModelConfig:
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
             )
         if self.n_kv_heads is not None:
+            check_at_least(self, 1, "n_kv_heads")
             if self.arch == "gpt" and self.n_kv_heads != self.n_heads:
                 raise ValueError(f"n_kv_heads={self.n_kv_heads}: the gpt arch has multi-head attention "
                                  f"(n_kv_heads = n_heads = {self.n_heads}); grouped-query attention is --arch mixtral")
@@ -163,8 +164,9 @@ class ModelConfig:
                 raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} >= 1")
         if self.arch == "mixtral" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads = {self.d_model // self.n_heads}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, int | float) or not (
+                0 < self.rope_theta < math.inf):
+            raise ValueError(f"rope_theta must be a finite number > 0, got {self.rope_theta!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -191,7 +193,9 @@ class ModelConfig:
         norms = (4 if gpt else 2) * D
         expert = 3 * D * H if self.moe.expert == "swiglu" else 2 * D * H + H + D
         dense = 2 * D * self.d_ff + self.d_ff + D if gpt else 3 * D * self.d_ff
-        blocks = sum(attn + norms + (E * expert + D * E if self.is_moe_layer(i) else dense)
+        m, R = self.moe, self.moe.xmoe_dim
+        router = {"xmoe": D * R + E * R + 1, "softmoe": D * E * m.softmoe_slots}.get(m.gate, D * E)
+        blocks = sum(attn + norms + (E * expert + router if self.is_moe_layer(i) else dense)
                      for i in range(self.n_layers))
         embed = V * D + (self.seq_len * D if gpt else 0)
         return embed + blocks + (2 if gpt else 1) * D + (0 if self.tie_embeddings else V * D)

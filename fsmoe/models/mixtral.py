@@ -8,7 +8,8 @@ gradient plan and the pipelined schedules treat both models alike): ``x = x + at
 x = x + mlp(ln2(x))`` with RMSNorm (eps 1e-5, learned gain) as ``ln1``/``ln2``, grouped-query causal
 attention with RoPE on q and k, and ``mlp`` an :class:`~fsmoe.moe.layer.MoELayer` (block i is MoE when
 ``(i + 1) % moe_every == 0``; the presets use SwiGLU experts in every block) or a dense SwiGLU MLP. No
-biases anywhere, no learned position embedding, a final RMSNorm, and a head tied to the embedding only
+biases in attention, norms, dense MLPs or head (``--expert swiglu``, the presets' experts, has none either;
+``ffn`` experts keep theirs), no learned position embedding, a final RMSNorm, and a head tied to the embedding only
 when ``tie_embeddings``.
 
 Positions: attention always runs over the whole sequence (under sequence parallelism the tensor-parallel

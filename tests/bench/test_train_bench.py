@@ -88,6 +88,7 @@ def test_rows_and_layouts() -> None:
         "sequential", "tutel r=2", "deepspeed"]  # no fsmoe, no auto row
     assert deepspeed_unable(esp) is None
     assert "mp=1" in (deepspeed_unable(job.with_overrides({"parallel.ep": 2, "parallel.mp": 2})) or "")
+    assert "not arch 'mixtral'" in (deepspeed_unable(job.with_overrides({"model.name": "mixtral-tiny"})) or "")
 
 
 def test_cli_flags_override_the_preset() -> None:

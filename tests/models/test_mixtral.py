@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fsmoe.config import JobConfig, ModelConfig, MoEConfig, TrainConfig, gpt2_moe_tiny, mixtral_tiny
+from fsmoe.config import GATE_NAMES, JobConfig, ModelConfig, MoEConfig, TrainConfig, gpt2_moe_tiny, mixtral_tiny
 from fsmoe.models import Mixtral, ModelOutput, build_lm
 from fsmoe.models.mixtral import GroupedQueryAttention, SwiGLU, apply_rope, rope_tables
 from fsmoe.moe.layer import MoELayer
@@ -91,9 +91,12 @@ def test_estimated_params_equal_num_params(overrides: dict[str, object]) -> None
 @pytest.mark.parametrize("arch", ["gpt", "mixtral"])
 @pytest.mark.parametrize("expert", ["ffn", "swiglu"])
 @pytest.mark.parametrize("moe_every", [1, 2])
-def test_estimated_params_every_arch_and_expert(arch: str, expert: str, moe_every: int) -> None:
+@pytest.mark.parametrize("gate", GATE_NAMES)
+def test_estimated_params_every_arch_expert_and_gate(arch: str, expert: str, moe_every: int, gate: str) -> None:
     base = gpt2_moe_tiny() if arch == "gpt" else mixtral_tiny()
-    cfg = dataclasses.replace(base, n_layers=2, moe_every=moe_every, moe=dataclasses.replace(base.moe, expert=expert))
+    moe = dataclasses.replace(base.moe, expert=expert, gate=gate, softmoe_slots=2 if gate == "softmoe" else 1,
+                              **({"top_k": 1} if gate == "switch" else {}))
+    cfg = dataclasses.replace(base, n_layers=2, moe_every=moe_every, moe=moe)
     torch.manual_seed(0)
     assert cfg.estimated_params() == build_lm(cfg).num_params()
 
