@@ -94,7 +94,22 @@ def sim_layout(job: JobConfig) -> Layout:
     cluster = sim_cluster(job.sim)
     paper = job.sim.paper_settings and job.model.name in MODELS
     model = sim_model(job.model, cluster, paper_settings=job.sim.paper_settings)
-    return paper_layout(cluster, model, experts=None if paper else job.moe.num_experts)
+    layout = paper_layout(cluster, model, experts=None if paper else job.moe.num_experts)
+    check_measured(layout)
+    return layout
+
+
+def check_measured(layout: Layout) -> None:
+    """A profile says which operations it did not measure (``meta["skipped"]``: e.g. no AllGather on a
+    profile with ESP = 1); their lines are zero, so a layout that needs one would play it for free:
+    ``ValueError`` naming each and why it was skipped."""
+    skipped = layout.cluster.costs.meta.get("skipped") or {}
+    needed = ["a2a" if layout.ep > 1 else None, "gar", "expert_fwd", "expert_bwd", "gate_fwd", "gate_bwd",
+              "dense_fwd", "dense_bwd", *(("ag", "rs") if layout.esp > 1 or layout.mp > 1 else ())]
+    missing = [f"{op} ({skipped[op]})" for op in needed if op in skipped]
+    if missing:
+        raise ValueError(f"the profile {layout.cluster.source} did not measure what this layout runs: "
+                         f"{'; '.join(missing)}; profile a job with that layout (fsmoe profile)")
 
 
 __all__ = ["sim_cluster", "sim_layout", "sim_model"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,26 @@ def _check_out(job: JobConfig, marker: str) -> None:
                          "or choose another --out")
 
 
+def _check_writable(path: Path, overwrite: bool) -> None:
+    """``path`` can be created (its directory made) and is not a previous file unless ``overwrite``."""
+    if path.exists() and not overwrite:
+        raise ValueError(f"--trace {str(path)!r} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write --trace {str(path)!r}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"cannot write --trace {str(path)!r}: its directory is not writable")
+
+
 def handle_simulate(job: JobConfig, args: argparse.Namespace) -> int:
     """Simulate ``job``'s model on its described cluster under every requested schedule: print the table,
     write ``simulation.json`` and ``job.toml`` to ``run.out`` and, with ``run.trace``, the timelines."""
+    traces = trace_paths(job.run.trace, job.sim.schedules) if job.run.trace else {}
     try:
         _check_out(job, RESULTS)
+        for path in traces.values():  # before anything is written: a trace that cannot be written stops here
+            _check_writable(path, job.run.overwrite)
         layout = sim_layout(job)
     except ValueError as e:
         return _error("simulate", e)
@@ -79,11 +95,9 @@ def handle_simulate(job: JobConfig, args: argparse.Namespace) -> int:
     (out / RESULTS).write_text(json.dumps(simulation_dict(sim), indent=1))
     (out / "job.toml").write_text(dump_toml(job))
     written = [out / RESULTS, out / "job.toml"]
-    if job.run.trace:
-        for schedule, path in trace_paths(job.run.trace, job.sim.schedules).items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            chrome_trace(iteration_events(layout, schedule), str(path))
-            written.append(path)
+    for schedule, path in traces.items():
+        chrome_trace(iteration_events(layout, schedule), str(path))
+        written.append(path)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

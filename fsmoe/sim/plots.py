@@ -4,21 +4,28 @@ grid, per-schedule speedups, the scale studies — and writes one file; :func:`w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fsmoe.config import SCHEDULES  # noqa: E402
-from fsmoe.sim.grid import GridReport  # noqa: E402
-from fsmoe.sim.scale import ScaleStudy  # noqa: E402
+from fsmoe.config import SCHEDULES
+from fsmoe.sim.grid import GridReport
+from fsmoe.sim.scale import ScaleStudy
 
 Series = dict[int, dict[str, float]]  # x (L or P) -> schedule -> speedup
 
 
+def _plt() -> Any:
+    """pyplot on the Agg backend, imported when a plot is drawn (``fsmoe simulate`` never draws one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_table5(grid: GridReport, path: Path) -> None:
     """Bars: mean speedup over tutel per schedule and testbed, paper beside ours."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels, paper, ours = [], [], []
     for tb, s, p, o, _ in grid.table5():
@@ -40,6 +47,7 @@ def plot_table5(grid: GridReport, path: Path) -> None:
 
 def plot_fig6(bars: dict[str, dict[str, float]], path: Path) -> None:
     """Grouped bars: every schedule over DS-MoE (our ``sequential``) per model and testbed."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     groups = list(bars)
     width = 0.8 / len(SCHEDULES)
@@ -58,6 +66,7 @@ def plot_fig6(bars: dict[str, dict[str, float]], path: Path) -> None:
 
 def plot_fig7(series: dict[str, Series], paper: dict[str, dict[int, tuple[float, float]]], path: Path) -> None:
     """Two panels (vary L, vary P): fsmoe over DS-MoE and over tutel, simulated and the paper's points."""
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, xlabel in zip(axes, ("L", "P"), ("sequence length L (48 GPUs)", "GPUs P (L = 1024)"), strict=True):
         xs = sorted(series[key])
@@ -78,6 +87,7 @@ def plot_fig7(series: dict[str, Series], paper: dict[str, dict[int, tuple[float,
 
 def plot_scale(studies: tuple[ScaleStudy, ...], path: Path) -> None:
     """One panel per study: iteration time per schedule against GPUs (log x); flat is ideal weak scaling."""
+    plt = _plt()
     fig, axes = plt.subplots(1, len(studies), figsize=(5 * len(studies), 3.5), squeeze=False)
     for ax, study in zip(axes[0], studies, strict=True):
         gpus = [p.gpus for p in study.points]

@@ -64,10 +64,11 @@ def test_layouts_that_cannot_be_held_name_the_numbers(overrides: dict, message: 
         sim_layout(job(**overrides))
 
 
-def _profile(tmp_path, key: dict) -> str:
+def _profile(tmp_path, key: dict, skipped: dict | None = None) -> str:
     line = Linear(alpha_s=1e-4, beta_s=1e-9)
     costs = Costs(ops={op: line for op in ("a2a", "ag", "rs", "gar", "expert_fwd", "expert_bwd", "gate_fwd",
-                                           "gate_bwd", "dense_fwd", "dense_bwd")}, busy={"a2a": line.scaled(2)})
+                                           "gate_bwd", "dense_fwd", "dense_bwd")}, busy={"a2a": line.scaled(2)},
+                  meta={"skipped": skipped or {}})
     path = tmp_path / "profile-x.json"
     path.write_text(json.dumps({"key": key, "costs": costs.to_dict()}))
     return str(path)
@@ -84,3 +85,13 @@ def test_a_profile_file_brings_its_topology(tmp_path) -> None:
         sim_cluster(job(**{"sim.cluster": bare}).sim)
     c = sim_cluster(job(**{"sim.cluster": bare, "sim.nodes": 4, "sim.gpus_per_node": 1}).sim)
     assert c.world == 4
+
+
+def test_what_a_profile_did_not_measure_is_not_played_for_free(tmp_path) -> None:
+    topology = {"topology": {"nodes": 2, "procs_per_node": 2}, "sizes": {"gemms": 2}}
+    path = _profile(tmp_path, topology, {"ag": "ESP = 1: no AllGather / ReduceScatter", "rs": "ESP = 1: no "
+                                         "AllGather / ReduceScatter", "dense_fwd": "not measured (not in ops)"})
+    with pytest.raises(ValueError, match=r"did not measure what this layout runs: dense_fwd \(not measured "
+                                         r"\(not in ops\)\); ag \(ESP = 1: no AllGather / ReduceScatter\); rs"):
+        sim_layout(job(**{"sim.cluster": path, "model.name": "mixtral-tiny"}))
+    assert sim_layout(job(**{"sim.cluster": _profile(tmp_path, topology), "model.name": "mixtral-tiny"})).esp == 2

@@ -88,3 +88,16 @@ def test_a_previous_result_is_replaced_only_with_overwrite(tmp_path, capsys) -> 
     assert (out / "simulation.json").read_text() == before  # untouched
     assert main([*argv, "--sim-schedules", "tutel", "--overwrite"]) == 0
     assert json.loads((out / "simulation.json").read_text())["runs"][0]["schedule"] == "tutel"
+
+
+def test_a_trace_that_cannot_be_written_stops_before_anything_is_written(tmp_path, capsys) -> None:
+    out = tmp_path / "sim"
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    argv = ["simulate", *SMALL, "--sim-schedules", "fsmoe", "--out", str(out)]
+    assert main([*argv, "--trace", str(blocker / "t.json")]) == 2
+    assert "cannot write --trace" in capsys.readouterr().err and not out.exists()
+    trace = tmp_path / "t.json"
+    trace.write_text("{}")
+    assert main([*argv, "--trace", str(trace)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and not out.exists()
