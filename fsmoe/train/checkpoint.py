@@ -65,7 +65,7 @@ from fsmoe.config import JobConfig, load_toml
 from fsmoe.models import build_lm
 from fsmoe.parallel.parallelize import parallelize_gpt
 from fsmoe.train.data import BatchSampler
-from fsmoe.train.distributed import DistContext
+from fsmoe.train.distributed import DistContext, keep_alive
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -411,7 +411,7 @@ def _prune(root: Path, step: int, keep: int) -> None:
     _remove_leftovers(root)
 
 
-def save_checkpoint(
+def _save_checkpoint(
     out: str | Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, shards: ShardMap, *,
     samplers: Mapping[str, BatchSampler], job_toml: str, plan_json: str | None, keep: int,
     extra: Mapping[str, Any] | None = None,
@@ -475,6 +475,13 @@ def save_checkpoint(
     return final
 
 
+def save_checkpoint(out: str | Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, shards: ShardMap,
+                    **kw: Any) -> Path:
+    """:func:`_save_checkpoint` (same arguments), beating this rank's heartbeat while it gathers and writes."""
+    with keep_alive(shards.ctx.heartbeat) if shards.ctx is not None else contextlib.nullcontext():
+        return _save_checkpoint(out, step, model, opt, shards, **kw)
+
+
 # --- loading ----------------------------------------------------------------------------------------------
 
 
@@ -499,7 +506,7 @@ def read_tensors(ckpt: Checkpoint) -> dict[str, Tensor]:
     return state
 
 
-def load_checkpoint(
+def _load_checkpoint(
     ckpt: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, shards: ShardMap, *,
     samplers: Mapping[str, BatchSampler],
 ) -> Restored:
@@ -536,6 +543,14 @@ def load_checkpoint(
         torch.cuda.set_rng_state(state["rng.cuda"][row].clone(), shards.device)
     extra = {k: v for k, v in ckpt.meta.items() if k not in ("format", "step", "world", "params", "files")}
     return Restored(step=ckpt.step, extra=extra)
+
+
+
+def load_checkpoint(ckpt: Checkpoint, model: nn.Module, opt: torch.optim.Optimizer, shards: ShardMap,
+                    **kw: Any) -> Restored:
+    """:func:`_load_checkpoint` (same arguments), beating this rank's heartbeat while it reads."""
+    with keep_alive(shards.ctx.heartbeat) if shards.ctx is not None else contextlib.nullcontext():
+        return _load_checkpoint(ckpt, model, opt, shards, **kw)
 
 
 __all__ = [

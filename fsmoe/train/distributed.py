@@ -115,6 +115,29 @@ class Heartbeat:
         self(self._step)
 
 
+@contextlib.contextmanager
+def keep_alive(heartbeat: Heartbeat, every_s: float = 1.0) -> Iterator[None]:
+    """Beat ``heartbeat`` from a thread every ``every_s`` while a long phase without steps runs (a checkpoint
+    being gathered, written or read), so the launcher's watchdog does not take it for a hang. A rank stuck
+    in a collective there is still stopped by the collective timeout (``--collective-timeout``)."""
+    if not heartbeat.enabled:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            heartbeat.alive()
+
+    thread = threading.Thread(target=beat, name="fsmoe-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def heartbeat_path(folder: str | Path, rank: int) -> Path:
     return Path(folder) / f"rank{rank}.beat"
 

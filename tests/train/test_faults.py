@@ -232,3 +232,23 @@ def test_ranks_die_with_their_killed_launcher(tmp_path: Path) -> None:
         for p in _pids(tmp_path, 2) or []:
             if pid_alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_keep_alive_beats_while_a_long_phase_runs_and_stops_after(tmp_path) -> None:
+    """A checkpoint save or load beats the heartbeat from a thread (the watchdog sees progress), and stops
+    beating when the phase ends; without a watched heartbeat it starts no thread."""
+    from fsmoe.train.distributed import _read_beat, keep_alive
+
+    path = tmp_path / "rank0.beat"
+    beat = Heartbeat(path)
+    beat(7)
+    before = _read_beat(path)
+    with keep_alive(beat, every_s=0.05):
+        time.sleep(0.4)
+    during = _read_beat(path)
+    assert during[1] == 7 and during[2] >= before[2] + 3  # same step, several beats
+    time.sleep(0.2)
+    assert _read_beat(path) == during  # the thread has stopped
+    threads = threading.active_count()
+    with keep_alive(Heartbeat(None), every_s=0.05):
+        assert threading.active_count() == threads
