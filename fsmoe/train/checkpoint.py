@@ -280,10 +280,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     """The checkpoint ``path`` names (:func:`resolve_checkpoint`), checked complete and intact: its
-    ``meta.json`` parses and every file it lists has the recorded size and SHA-256; ``ValueError``
-    naming the file otherwise. Reads every file once."""
+    ``meta.json`` parses and every file it lists has the recorded size and (``verify``) SHA-256;
+    ``ValueError`` naming the file otherwise. With ``verify`` it reads every file once."""
     ckpt = resolve_checkpoint(path)
     if not (ckpt / META_FILE).is_file():
         raise ValueError(f"checkpoint {str(ckpt)!r} is incomplete: it has no {META_FILE}")
@@ -302,7 +302,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         if size != want["bytes"]:
             raise ValueError(f"checkpoint {str(ckpt)!r} is corrupt: {name} has {size} bytes, {META_FILE} says "
                              f"{want['bytes']}")
-        if _sha256(f) != want["sha256"]:
+        if verify and _sha256(f) != want["sha256"]:
             raise ValueError(f"checkpoint {str(ckpt)!r} is corrupt: the SHA-256 of {name} differs from {META_FILE}")
     if JOB_FILE not in files or ".metadata" not in files:
         raise ValueError(f"checkpoint {str(ckpt)!r} is incomplete: {META_FILE} lists no {JOB_FILE} or .metadata")
@@ -321,13 +321,13 @@ def config_differences(a: object, b: object, prefix: str) -> list[str]:
     return diffs
 
 
-def check_resume(job: JobConfig) -> Checkpoint | None:
-    """The checkpoint ``job.train.resume`` names, checked (:func:`read_checkpoint`) and fit for ``job``:
-    the same model config, and fewer steps done than ``train.steps``. None when not resuming. Pure file
-    reads: the same ``ValueError`` on every rank and in the launching process."""
+def check_resume(job: JobConfig, *, verify: bool = True) -> Checkpoint | None:
+    """The checkpoint ``job.train.resume`` names, checked (:func:`read_checkpoint`; ``verify``: its files'
+    hashes too) and fit for ``job``: the same model config, and fewer steps done than ``train.steps``. None
+    when not resuming. Pure file reads: the same ``ValueError`` on every rank and in the launching process."""
     if job.train.resume is None:
         return None
-    ckpt = read_checkpoint(job.train.resume)
+    ckpt = read_checkpoint(job.train.resume, verify=verify)
     diffs = config_differences(ckpt.job.model, job.model, "model")
     if diffs:
         raise ValueError(f"--resume {job.train.resume!r}: the checkpoint's model differs from this job's in "

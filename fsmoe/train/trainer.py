@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ from fsmoe.train.checkpoint import (
 )
 from fsmoe.train.data import BatchSampler, Corpus, load_corpus
 from fsmoe.train.distributed import (
+    LAUNCHER_PID_ENV,
     DistContext,
     clip_grads_,
     global_grad_norm,
@@ -279,7 +281,8 @@ def run_train(job: JobConfig) -> TrainResult:
     logged and written. With ``parallel.nproc > 1`` this runs on every launched rank (see
     :mod:`fsmoe.train.distributed`)."""
     job.check_training()  # pure: the same error on every rank, before any collective
-    resume = check_resume(job)  # pure file reads, likewise
+    # pure file reads, likewise; under fsmoe's launcher, which hashed the files once, sizes and configs only
+    resume = check_resume(job, verify=LAUNCHER_PID_ENV not in os.environ)
     threads = job.run.threads if job.run.threads is not None else (1 if job.parallel.distributed else None)
     if threads is not None:
         torch.set_num_threads(threads)

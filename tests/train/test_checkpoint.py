@@ -252,6 +252,8 @@ def test_bad_resume_inputs_are_named(saved_run: Path, tmp_path: Path) -> None:
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     refused(flipped, f"corrupt: the SHA-256 of {data.name} differs")
+    # the ranks of fsmoe's launcher skip the hashes the launching process checked: sizes and configs only
+    assert check_resume(_job(tmp_path / "new", resume=str(flipped)), verify=False).step == 2
     data.write_bytes(bytes(raw[:-10]))
     refused(flipped, f"corrupt: {data.name} has {len(raw) - 10} bytes")
 
