@@ -176,15 +176,16 @@ def balance_loss(probs_TE: Tensor, first_T: Tensor) -> Tensor:
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
-    """Router z-loss mean_t(logsumexp_e(logits)²) (Zoph et al. 2022, ST-MoE)."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    """Router z-loss mean_t(logsumexp_e(logits)²) (Zoph et al. 2022, ST-MoE), in the logits' dtype (fp32 or
+    float64: :meth:`Gate.forward` promotes them)."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
 def zero_loss(logits_TE: Tensor) -> Tensor:
     """The value of a loss term whose coefficient is 0: the term is skipped, since 0 · loss is NaN when
     one token's logits are not finite. The zero stays on the autograd graph (a sum over an empty slice,
     which reads no value) because callers backpropagate ``aux_loss`` whatever the coefficients."""
-    return logits_TE[:0].float().sum()
+    return logits_TE[:0].sum()
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -246,7 +247,7 @@ class TopKGate(Gate):
 
     def scores(self, logits_TE: Tensor) -> Tensor:
         """Per-token expert scores whose top-k are the combine weights."""
-        return torch.softmax(logits_TE.float(), dim=-1).to(logits_TE.dtype)
+        return torch.softmax(logits_TE, dim=-1)
 
     def aux(self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor) -> Tensor:
         """The balance loss over the softmax probabilities: here the scores themselves (computed once)."""
@@ -296,7 +297,7 @@ class SigmoidGate(TopKGate):
 
     def aux(self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor) -> Tensor:
         """The balance loss over the softmax probabilities (the scores are sigmoids, not a distribution)."""
-        return balance_loss(torch.softmax(logits_TE.float(), dim=-1), expert_TK[:, 0])
+        return balance_loss(torch.softmax(logits_TE, dim=-1), expert_TK[:, 0])
 
 
 class XMoEGate(TopKGate):
@@ -324,7 +325,7 @@ class ExpertChoiceGate(Gate):
 
     def route(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
-        scores_TE = torch.softmax(logits_TE.float(), dim=-1).to(logits_TE.dtype)
+        scores_TE = torch.softmax(logits_TE, dim=-1)
         capacity = capacity_for(T, E, self.top_k, self.cfg)
         take = min(capacity, T)
         top = torch.sort(scores_TE.t(), dim=-1, descending=True, stable=True)

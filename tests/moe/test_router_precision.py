@@ -73,6 +73,8 @@ def test_float64_routing_stays_float64() -> None:
     gate = build_gate(config("gshard"), D).double()
     r = gate(torch.randn(T, D, dtype=torch.float64))
     assert r.logits_TE.dtype == r.weight_EC.dtype == torch.float64
+    # computed in float64, not through fp32: equal to a float64 softmax to float64 precision
+    torch.testing.assert_close(gate.scores(r.logits_TE), torch.softmax(r.logits_TE, -1), rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize("order", ["index", "einsum"])
