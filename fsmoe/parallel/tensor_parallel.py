@@ -22,8 +22,9 @@ head j reads key/value head j // (N / G). RoPE rotates after the AllGather, so i
 positions 0..L-1 of the gathered sequence, as the single-device attention does.
 
 This module owns the MP attention modules; their collectives come from :mod:`fsmoe.parallel.comm`. The
-attention math repeats the single-device modules' (:mod:`fsmoe.models` sits beside this package, not below
-it); the distributed-equals-single-process tests hold the two together.
+grouped-query attention math is the single-device model's own (:mod:`fsmoe.nn.attention`) on this rank's
+heads; GPT-MoE's multi-head attention math is repeated here (:mod:`fsmoe.models` sits beside this package,
+not below it), and the distributed-equals-single-process tests hold the two together.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsmoe.nn.attention import grouped_causal_attention
 from fsmoe.parallel.comm import all_gather, reduce_scatter
 from fsmoe.parallel.grad_sync import mark_replicas
 
@@ -79,17 +81,6 @@ class TensorParallelAttention(nn.Module):
         return y_BlD + self.proj_bias
 
 
-def _rope(x_BnLh: Tensor, theta: float) -> Tensor:
-    """RoPE at positions 0..L-1 (half-split pairs (x[p], x[p + P]); angle pos·θ^(-2p/Dh)), as the
-    single-device :func:`fsmoe.models.mixtral.apply_rope`."""
-    L, Dh = x_BnLh.shape[-2:]
-    inv_freq_P = theta ** (-torch.arange(0, Dh, 2, device=x_BnLh.device, dtype=torch.float32) / Dh)
-    angle_LP = torch.arange(L, device=x_BnLh.device, dtype=torch.float32)[:, None] * inv_freq_P
-    cos, sin = angle_LP.cos().to(x_BnLh.dtype), angle_LP.sin().to(x_BnLh.dtype)
-    x1, x2 = x_BnLh[..., : Dh // 2], x_BnLh[..., Dh // 2 :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
 class TensorParallelGQA(nn.Module):
     """Holds query heads [mp_rank·n, (mp_rank+1)·n) and key/value heads [mp_rank·g, (mp_rank+1)·g) of a
     grouped-query attention with fused ``qkv`` ((N + 2G)·Dh, D) laid out as [q heads | k heads | v heads]
@@ -132,13 +123,7 @@ class TensorParallelGQA(nn.Module):
 
     def forward(self, x_BlD: Tensor) -> Tensor:
         x_BLD = all_gather(x_BlD, self.group, dim=1) if self.mp > 1 else x_BlD
-        B, L, _ = x_BLD.shape
-        n, g, Dh = self.n_local, self.kv_local, self.head_dim
-        q, k, v = self.qkv(x_BLD).split([n * Dh, g * Dh, g * Dh], dim=-1)
-        q_BnLh = _rope(q.view(B, L, n, Dh).transpose(1, 2), self.rope_theta)
-        k_BgLh = _rope(k.view(B, L, g, Dh).transpose(1, 2), self.rope_theta)
-        v_BgLh = v.view(B, L, g, Dh).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y_BnLh = F.scaled_dot_product_attention(q_BnLh, k_BgLh, v_BgLh, dropout_p=p, is_causal=True, enable_gqa=g != n)
-        partial_BLD = self.proj(y_BnLh.transpose(1, 2).reshape(B, L, n * Dh))
+        p = self.dropout if self.training else 0.0  # this rank's heads: the single-device math, unchanged
+        y = grouped_causal_attention(self.qkv(x_BLD), self.n_local, self.kv_local, self.head_dim, self.rope_theta, p)
+        partial_BLD = self.proj(y)
         return reduce_scatter(partial_BLD, self.group, dim=1) if self.mp > 1 else partial_BLD

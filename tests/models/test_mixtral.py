@@ -11,8 +11,9 @@ import torch
 
 from fsmoe.config import GATE_NAMES, JobConfig, ModelConfig, MoEConfig, TrainConfig, gpt2_moe_tiny, mixtral_tiny
 from fsmoe.models import Mixtral, ModelOutput, build_lm
-from fsmoe.models.mixtral import GroupedQueryAttention, SwiGLU, apply_rope, rope_tables
+from fsmoe.models.mixtral import GroupedQueryAttention, SwiGLU
 from fsmoe.moe.layer import MoELayer
+from fsmoe.nn.attention import apply_rope, rope_tables
 from fsmoe.train.trainer import build_grad_sync, build_optimizer, train_step
 
 

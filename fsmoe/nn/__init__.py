@@ -1,0 +1,1 @@
+"""Neural-network building blocks shared across packages (a leaf: imports nothing from fsmoe)."""
