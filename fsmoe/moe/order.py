@@ -9,9 +9,9 @@ empty slot) and give identical results:
   weights scale the expert outputs before the einsum, so backward never builds a (T, E, C) gradient.
 * ``index`` — Tutel-style: an index gather for Order and a weighted scatter-add for I-Order; O(E·C·D).
   When each token holds at most one slot (top-1 gates: ``Routing.slots_per_token == 1``) I-Order is a
-  gather instead: each token reads its one slot's output, O(T·D) forward and backward rather than the
-  scatter's O(E·C·D) with E·C ≈ f·T, and a gather's backward is the cheap scatter of T rows. Same
-  values bit for bit: a scatter-add onto zeros of one term is that term.
+  gather instead: each token reads its one slot's output (T rows read, not all E·C slots scattered; the
+  backward still produces the (E, C, D) gradient). Same values bit for bit: a scatter-add onto zeros of
+  one term is that term.
 
 SoftMoE's routing is dense, so for it both orders are the same pair of matmuls (in the input's dtype:
 the router's weights are fp32 under autocast and in a layer converted to bf16).
@@ -79,10 +79,12 @@ def token_slots(token_EC: Tensor, num_tokens: int) -> Tensor:
 
 def gather_slots(y_ECD: Tensor, weight_EC: Tensor, slot_T: Tensor) -> Tensor:
     """y_TD[t] = weight_EC · y_ECD at slot ``slot_T[t]``, zero where slot_T[t] = E·C (a dropped token)."""
-    D = y_ECD.shape[-1]
-    y_pad = torch.cat([y_ECD.reshape(-1, D), y_ECD.new_zeros(1, D)])
-    w_pad = torch.cat([weight_EC.reshape(-1).to(y_ECD.dtype), y_ECD.new_zeros(1)])
-    return y_pad.index_select(0, slot_T) * w_pad.index_select(0, slot_T).unsqueeze(-1)
+    D, EC = y_ECD.shape[-1], weight_EC.numel()
+    if EC == 0:
+        return y_ECD.new_zeros(slot_T.numel(), D)
+    idx_T = slot_T.clamp(max=EC - 1)  # a dropped token reads some slot, then is zeroed (not multiplied: NaN-safe)
+    y_TD = y_ECD.reshape(-1, D).index_select(0, idx_T) * weight_EC.reshape(-1).to(y_ECD.dtype)[idx_T].unsqueeze(-1)
+    return torch.where((slot_T < EC).unsqueeze(-1), y_TD, y_TD.new_zeros(()))
 
 
 def non_finite_rows(x_ND: Tensor) -> Tensor:
