@@ -23,8 +23,9 @@ checkpoint. Loading reads the global tensors on every rank and picks its element
 
 *Why not DCP's sharded save* (each rank writing its own slices as DTensor shards): a DTensor shard
 is a contiguous block per mesh coordinate, which MP's fused ``qkv`` rows are not, and ESP/EP slices
-would need one mesh per parameter kind; gathering onto rank 0 costs one full copy of the model there,
-which every rank already holds at start-up (it builds the full model before sharding).
+would need one mesh per parameter kind; gathering onto rank 0 holds the full weights and both AdamW
+moments there at once (3× the model's parameter bytes, plus one parameter's integer buffer at a time) —
+fine for models one host holds, not beyond.
 
 **On disk.** ``<out>/checkpoints/step_000010/`` (DCP's ``.metadata`` and data file, ``job.toml``,
 ``plan.json``, and ``meta.json`` with the step, the layout and every file's size and SHA-256) and
@@ -198,14 +199,15 @@ class ShardMap:
             if t is not None:
                 by_full[self.slots[name].full].append((self.slots[name], t))
         size = torch.tensor([], dtype=dtype).element_size()
+        wide = torch.int64 if size == 8 else torch.int32  # a sum of one value and zeros: exact at any width
         out: dict[str, Tensor] = {}
         for name, shape in self.shapes.items():
-            bits_N = torch.zeros(shape.numel(), dtype=torch.int64)
+            bits_N = torch.zeros(shape.numel(), dtype=wide)
             for slot, t in by_full[name]:
                 if t.dtype != dtype:
                     raise ValueError(f"a tensor of {name!r} is {t.dtype}, expected {dtype}")
                 local_N = t.detach().reshape(-1).cpu()[slot.owned_N]
-                bits_N[slot.index_N[slot.owned_N]] = local_N.view(_INT_OF_SIZE[size]).to(torch.int64)
+                bits_N[slot.index_N[slot.owned_N]] = local_N.view(_INT_OF_SIZE[size]).to(wide)
             bits_N = self.reduce_to_main(bits_N)  # each element comes from one rank, the others add zeros
             if self.ctx is None or self.ctx.is_main:
                 out[name] = bits_N.to(_INT_OF_SIZE[size]).view(dtype).view(shape)
