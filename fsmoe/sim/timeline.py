@@ -15,8 +15,10 @@ with the block index in front (``b3 dispatch[0]``); the dense part is drawn as t
   (``sequential``, ``tutel``); the next block's backward starts when both are done;
 * after the first block's backward, its own gradient's all-reduce (exposed under every schedule).
 
-Durations are the simulator's (contended where the costs have busy lines), so the last event ends at the
-simulated iteration time.
+Durations are the simulator's (contended where the costs have busy lines). On clusters with idle lines
+only (the paper's presets) the last event ends exactly at the simulated iteration time (tested); with busy
+lines the iteration prices a GAR slice by its two-ended response (``max(A, B + t)``) while the timeline
+plays it, so they can differ slightly (0.5% seen on Testbed-A with busy lines 1.6× the idle ones).
 """
 
 from __future__ import annotations
