@@ -12,8 +12,10 @@ from fsmoe.train.distributed import DistContext, clip_grads_
 from fsmoe.train.trainer import build_grad_sync, build_model, build_optimizer
 
 
-def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords, e: int, h: int, mp: int):  # noqa: ANN001
-    """The part of the single-process tensor ``ref[...]`` that the distributed parameter ``name`` holds."""
+def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords, e: int, h: int, mp: int,  # noqa: ANN001
+               model: ModelConfig):
+    """The part of the single-process tensor ``ref[...]`` that the distributed parameter ``name`` holds (a
+    fused ``qkv`` is [N query heads | G key heads | G value heads]: G = N for GPT-MoE, fewer for GQA)."""
     if ".mlp.experts." in name:
         full = ref[name.replace(".mlp.experts.", ".mlp.layer.experts.")]
         return full[shard_index(name.rsplit(".", 1)[1], p.shape, coords.ep * e, coords.esp * h)]
@@ -22,10 +24,12 @@ def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords,
     if ".attn.proj_bias" in name:
         return ref[name.replace(".attn.proj_bias", ".attn.proj.bias")]
     if ".attn.qkv." in name and mp > 1:
-        full = ref[name]
-        D, d = full.shape[0] // 3, p.shape[0] // 3
-        rows = torch.cat([torch.arange(k * D + coords.mp * d, k * D + (coords.mp + 1) * d) for k in range(3)])
-        return full[rows]
+        Dh = model.d_model // model.n_heads
+        N, G = model.n_heads * Dh, model.kv_heads * Dh  # rows of the q part and of the k (and v) part
+        parts = ((0, N), (N, G), (N + G, G))  # (first row, rows) of q, k, v
+        rows = torch.cat([torch.arange(start + coords.mp * size // mp, start + (coords.mp + 1) * size // mp)
+                          for start, size in parts])
+        return ref[name][rows]
     if ".attn.proj.weight" in name and mp > 1:
         d = p.shape[1]
         return ref[name][:, coords.mp * d : (coords.mp + 1) * d]
@@ -34,9 +38,10 @@ def _ref_slice(name: str, p: torch.Tensor, ref: dict[str, torch.Tensor], coords,
 
 def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int, esp: int,
                             schedules: tuple[tuple[str, int, int] | tuple[str, int, int, str], ...],
-                            expert: str = "ffn") -> list[tuple[str, dict, list[str]]]:
+                            expert: str = "ffn", arch: str = "gpt") -> list[tuple[str, dict, list[str]]]:
+    gqa = {"n_kv_heads": 2, "tie_embeddings": False} if arch == "mixtral" else {}
     model_cfg = ModelConfig(
-        seq_len=16, d_model=16, n_layers=2, n_heads=4, d_ff=32,
+        arch=arch, seq_len=16, d_model=16, n_layers=2, n_heads=4, d_ff=32, **gqa,
         moe=MoEConfig(num_experts=4, top_k=2, d_hidden=32, expert=expert, capacity_factor=1.0),
     )
     results = []
@@ -96,8 +101,9 @@ def train_step_vs_reference(rank: int, world: int, *, ppn: int, mp: int, ep: int
         torch.distributed.all_reduce(loads)  # every rank routes its own group: the sum is the grid's
         ref_loads = torch.stack([st.expert_load_E.double() for st in out.moe_stats])
         errs["expert_load"] = float((loads - ref_loads).abs().max())
+        shard = (coords, e, h, mp, model_cfg)
         for n, p in model.named_parameters():
-            errs[f"grad:{n}"] = float((grads[n] - _ref_slice(n, p, ref_grads, coords, e, h, mp)).abs().max())
-            errs[f"param:{n}"] = float((p.detach() - _ref_slice(n, p, ref_params, coords, e, h, mp)).abs().max())
+            errs[f"grad:{n}"] = float((grads[n] - _ref_slice(n, p, ref_grads, *shard)).abs().max())
+            errs[f"param:{n}"] = float((p.detach() - _ref_slice(n, p, ref_params, *shard)).abs().max())
         results.append((f"{sched}/{r_fwd}/{r_bwd}/{plan}", errs, fired))
     return results

@@ -1,6 +1,7 @@
-"""One GPT-MoE training step (forward, backward, gradient sync, global-norm clipping, AdamW) on 4 gloo
-ranks equals the single-process step with the same weights and the same global batch — gradients and
-updated parameters of every shard, for MP × EP and MP × EP × ESP, plain and pipelined schedules."""
+"""One training step (forward, backward, gradient sync, global-norm clipping, AdamW) of GPT-MoE and of the
+Mixtral-style model (grouped-query attention, RoPE) on 4 gloo ranks equals the single-process step with the
+same weights and the same global batch — gradients and updated parameters of every shard, per-expert loads,
+for MP × EP and MP × EP × ESP, plain and pipelined schedules with their gradient plans."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ SCHEDULES = (
 LAYOUTS = {"mp2xep2": (2, 2, 1), "mp2xep2xesp2": (2, 2, 2), "dp4xep4": (1, 4, 1)}
 
 
-@pytest.mark.parametrize("expert", ["ffn", "swiglu"])
+@pytest.mark.parametrize(("arch", "expert"), [("gpt", "ffn"), ("gpt", "swiglu"), ("mixtral", "swiglu")])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_train_step_matches_single_process(layout: str, expert: str) -> None:
+def test_train_step_matches_single_process(layout: str, arch: str, expert: str) -> None:
     mp, ep, esp = LAYOUTS[layout]
     per_rank = run_distributed(train_step_vs_reference, 4, ppn=2, mp=mp, ep=ep, esp=esp, schedules=SCHEDULES,
-                               expert=expert, timeout=180)
+                               expert=expert, arch=arch, timeout=180)
     failures, checked = [], 0
     for rank, results in enumerate(per_rank):
         for case, errs, fired in results:
