@@ -9,7 +9,7 @@ What a run writes in ``<out>``: the resolved job (``job.toml``; ``--config`` rea
 
 * every ``log_every`` steps (and at the first and last step) a training record, ``"kind": "train"``:
   ``step``, ``loss`` (the mean over the logging interval), ``loss_steps``, ``aux_loss``,
-  ``dropped_fraction`` (the mean over ranks of each rank's dropped share), ``lr``, ``tokens_per_s``,
+  ``dropped_fraction`` (the dropped share of all ranks' assignments), ``lr``, ``tokens_per_s``,
   ``elapsed_s``, and of the interval's last step ``expert_load`` (per MoE layer, the assignments each
   expert kept after capacity, summed over ranks) and ``dropped_per_layer`` (per MoE layer, the dropped
   share of all ranks' assignments);
@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from fsmoe.config import JobConfig, ScheduleConfig, TrainConfig, dump_toml, get_schedule
 from fsmoe.models import build_lm
 from fsmoe.models.gpt_moe import ModelOutput, MoELanguageModel
-from fsmoe.moe.layer import MoEStats
 from fsmoe.parallel.dims import config_hash_check
 from fsmoe.parallel.grad_plan import PlannedGradSync, greedy_plan, parse_plan
 from fsmoe.parallel.grad_sync import GradSync
@@ -130,15 +129,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def dropped_fraction(stats: Sequence[MoEStats]) -> float:
-    """Dropped share of all routed assignments across the MoE layers of one forward.
-    Syncs (an ``.item()``): call it only when logging."""
-    if not stats:
-        return 0.0
-    dropped = torch.stack([torch.as_tensor(s.num_dropped) for s in stats]).sum().item()
-    return float(dropped) / max(sum(s.num_assignments for s in stats), 1)
 
 
 def _world_mean(values: list[float], ctx: DistContext | None) -> list[float]:
@@ -334,30 +324,36 @@ def _degrees_text(sched: ScheduleConfig) -> str:
 def logged_stats(interval_loss: Tensor, interval_steps: int, out: ModelOutput, ctx: DistContext | None) -> dict[
         str, Any]:
     """The numbers of one training record (see the module doc) from this rank's interval loss sum and its
-    last step's output: the loss, aux loss and dropped share as means over ranks, the per-layer expert
-    loads and dropped shares as sums over ranks. One all-reduce; syncs: call it only when logging."""
+    last step's output: the loss and aux loss as means over ranks, the dropped share of all ranks'
+    assignments, the per-layer expert loads and dropped shares as sums over ranks. Built on the device,
+    one all-reduce and one read back: call it only when logging."""
     stats = out.moe_stats
     if any(s.expert_load_E is None for s in stats):
         raise RuntimeError("an MoE layer's stats carry no expert_load_E; the trainer logs per-expert loads")
-    head = [interval_loss.item() / interval_steps, out.aux_loss.item(), dropped_fraction(stats)]
+    device, f64 = interval_loss.device, torch.float64
+    n = len(stats)
     sizes = [s.expert_load_E.numel() for s in stats]  # type: ignore[union-attr]
     values = torch.cat([
-        torch.tensor(head, dtype=torch.float64),
-        torch.tensor([float(s.num_dropped) for s in stats] + [float(s.num_assignments) for s in stats],
-                     dtype=torch.float64),
-        *(s.expert_load_E.double().cpu() for s in stats),  # type: ignore[union-attr]
+        torch.stack([interval_loss.detach().to(f64) / interval_steps, out.aux_loss.detach().to(device, f64)]),
+        torch.stack([torch.as_tensor(s.num_dropped, device=device).to(f64) for s in stats]) if n else
+        torch.zeros(0, dtype=f64, device=device),
+        torch.tensor([float(s.num_assignments) for s in stats], dtype=f64, device=device),  # host ints: no sync
+        *(s.expert_load_E.to(device, f64) for s in stats),  # type: ignore[union-attr]
     ])
     if ctx is not None:
         values = values.to(ctx.device)  # NCCL reduces device tensors
         dist.all_reduce(values)
-        values[:3] /= ctx.world
-    n = len(stats)
-    dropped, assigned = values[3 : 3 + n].tolist(), values[3 + n : 3 + 2 * n].tolist()
-    loads = [[int(c) for c in chunk.tolist()] for chunk in values[3 + 2 * n :].split(sizes)] if n else []
-    loss, aux, dropped_share = values[:3].tolist()
+        values[:2] /= ctx.world
+    flat = values.tolist()  # the one sync
+    loss, aux = flat[0], flat[1]
+    dropped, assigned = flat[2 : 2 + n], flat[2 + n : 2 + 2 * n]
+    loads, at = [], 2 + 2 * n
+    for size in sizes:
+        loads.append([int(c) for c in flat[at : at + size]])
+        at += size
     return {
-        "loss": loss, "aux_loss": aux, "dropped_fraction": dropped_share, "expert_load": loads,
-        "dropped_per_layer": [d / max(a, 1.0) for d, a in zip(dropped, assigned, strict=True)],
+        "loss": loss, "aux_loss": aux, "dropped_fraction": sum(dropped) / max(sum(assigned), 1.0),
+        "expert_load": loads, "dropped_per_layer": [d / max(a, 1.0) for d, a in zip(dropped, assigned, strict=True)],
     }
 
 
