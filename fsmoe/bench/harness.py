@@ -54,25 +54,31 @@ class ImplSpec:
     ``sequential`` is our layer without a pipeline (dispatch → experts → combine under plain autograd);
     every other schedule runs the pipelined expert block. ``auto``: the degrees are the planner's
     (:mod:`fsmoe.perf.planner`), chosen on the ranks from the profiled costs; the row is named
-    ``fsmoe auto r=…`` so it stands beside the hand-picked ``fsmoe r=…`` rows."""
+    ``fsmoe auto r=…`` so it stands beside the hand-picked ``fsmoe r=…`` rows. ``gar_after``: a schedule
+    with a GAR slot runs the dense Gradient-AllReduce after the backward instead (the planner's choice
+    when overlapping it does not pay; named ``… GAR after``)."""
 
     family: str  # a schedule name, or "deepspeed"
     r_fwd: int = 1
     r_bwd: int = 1
     auto: bool = False
+    gar_after: bool = False
 
     def __post_init__(self) -> None:
         if self.family != DEEPSPEED:
             check_degrees(get_schedule(self.family), self.r_fwd, self.r_bwd)
         if self.auto and not self.pipelined:
             raise ValueError(f"ImplSpec: only a pipelined schedule of ours has planned degrees, got {self.family!r}")
+        if self.gar_after and not (self.is_ours and get_schedule(self.family).gar_in_moe):
+            raise ValueError(f"ImplSpec: only a schedule with a GAR slot can move its GAR after the backward, got "
+                             f"{self.family!r}")
 
     @property
     def name(self) -> str:
         if not self.pipelined:
             return self.family
         r = f"{self.r_fwd}" if self.r_fwd == self.r_bwd else f"{self.r_fwd}/{self.r_bwd}"
-        return f"{self.family}{' auto' if self.auto else ''} r={r}"
+        return f"{self.family}{' auto' if self.auto else ''} r={r}{' GAR after' if self.gar_after else ''}"
 
     @property
     def is_ours(self) -> bool:
@@ -85,7 +91,7 @@ class ImplSpec:
     @property
     def gar_in_moe(self) -> bool:
         """Whether the dense Gradient-AllReduce runs inside the MoE backward (else after the backward)."""
-        return self.is_ours and get_schedule(self.family).gar_in_moe
+        return self.is_ours and get_schedule(self.family).gar_in_moe and not self.gar_after
 
 
 # --- the cluster ------------------------------------------------------------------------------------------

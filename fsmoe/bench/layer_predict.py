@@ -11,8 +11,9 @@ On the ranks, before any timing:
   at ``bench.dense_grad_mb`` — no dense part (:data:`LAYER_OPS`): the benchmark has none.
 * :func:`plan_auto` — the ``fsmoe auto`` row: :func:`fsmoe.perf.planner.plan_layer` on the layer's work
   (:func:`fsmoe.perf.model.layer_work` at T = ``bench.tokens``) with the GAR inside its backward
-  (busy line: it overlaps the experts), as the ``fsmoe`` rows run it; its wall time is the planner's
-  solve time for one layer.
+  (busy line: it overlaps the experts), as the ``fsmoe`` rows run it, or after the backward (idle line)
+  when the planner finds that faster (``… GAR after``); its wall time is the planner's solve time for
+  one layer.
 
 Pure, from the costs: :func:`predict_rows` gives every row of ours (DeepSpeed-MoE is not our schedule
 IR) :func:`fsmoe.perf.planner.predict_layer` at the row's degrees — gate + Order + I-Order forward and
@@ -87,6 +88,7 @@ class AutoPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.impl.name, "r_fwd": self.impl.r_fwd, "r_bwd": self.impl.r_bwd,
+                "gar_after": self.impl.gar_after,
                 "plan": self.plan.to_dict(), "t_gar_s": self.t_gar_s, "gar_bytes": self.gar_bytes,
                 "solve_s": self.solve_s}
 
@@ -96,9 +98,11 @@ def plan_auto(job: JobConfig, costs: Costs) -> AutoPlan:
     t_gar = gar_time(job, costs)
     work = bench_work(job)
     t0 = time.perf_counter()
-    plan = plan_layer(AUTO_SCHEDULE, work, costs, t_gar=t_gar, max_degree=job.plan.max_degree)
+    n = gar_bytes(job)
+    plan = plan_layer(AUTO_SCHEDULE, work, costs, t_gar=t_gar, t_gar_after=costs.op("gar")(n) if n > 0 else None,
+                      max_degree=job.plan.max_degree)
     solve_s = time.perf_counter() - t0
-    impl = ImplSpec(AUTO_SCHEDULE, plan.r_fwd, plan.r_bwd, auto=True)
+    impl = ImplSpec(AUTO_SCHEDULE, plan.r_fwd, plan.r_bwd, auto=True, gar_after=plan.gar_after_s > 0)
     return AutoPlan(impl=impl, plan=plan, t_gar_s=t_gar, gar_bytes=gar_bytes(job), solve_s=solve_s)
 
 
@@ -115,7 +119,8 @@ def predict_impl(job: JobConfig, costs: Costs, impl: ImplSpec) -> LayerPredictio
     """One row's modelled fwd + bwd (+GAR) (None for DeepSpeed-MoE)."""
     if not impl.is_ours:
         return None
-    return predict_layer(impl.family, bench_work(job), costs, impl.r_fwd, impl.r_bwd, gar_bytes=gar_bytes(job))
+    return predict_layer(impl.family, bench_work(job), costs, impl.r_fwd, impl.r_bwd, gar_bytes=gar_bytes(job),
+                         gar_after=impl.gar_after)
 
 
 def predict_rows(job: JobConfig, costs: Costs, impls: Sequence[ImplSpec]) -> dict[str, LayerPrediction]:

@@ -185,8 +185,8 @@ def case_record(c: AccuracyCase, job: JobConfig, payload: dict[str, Any], *, res
     auto_row = by_name.get(auto["name"]) if auto else None
     fsmoe_rows = [r for r in payload["implementations"] if r["family"] == "fsmoe"]
     best = min(fsmoe_rows, key=lambda r: (r["median_s"], r["name"])) if fsmoe_rows else None
-    twin = None
-    if auto_row is not None:
+    twin = None  # the same degrees measured again (the noise floor); not when the auto row moved its GAR
+    if auto_row is not None and not auto.get("gar_after"):
         twin = next((r for r in fsmoe_rows if not r.get("auto") and (r["r_fwd"], r["r_bwd"]) ==
                      (auto_row["r_fwd"], auto_row["r_bwd"])), None)
     record: dict[str, Any] = {

@@ -7,6 +7,8 @@ n — bytes for a collective, multiply-accumulates for a GEMM — and a chunk of
 Collectives are measured twice (see :mod:`fsmoe.perf.profile`): idle, and while expert compute runs on
 the same cores (``*_busy``). On a GPU the two are nearly equal; on CPU ranks that share cores, a chunked
 AlltoAll that overlaps compute is 1.4–2.5× slower than idle, and the models use what the task will meet.
+The same measurement times the compute beside the collective: on shared cores it slows too (1.2–1.9×
+here), a factor per collective (``Costs.beside``) that the models apply to compute while it overlaps one.
 
 Pure: no torch, no processes. Units: seconds; n in bytes (collectives) or MACs (GEMMs).
 """
@@ -61,12 +63,14 @@ class Costs:
     Collectives (n = bytes this rank contributes): ``a2a`` the EP AlltoAll (inter-node channel), ``ag``
     / ``rs`` the ESP AllGather / ReduceScatter (n = the gathered size; intra-node), ``gar`` the dense
     Gradient-AllReduce; ``busy`` holds the same collectives measured while compute runs (missing keys:
-    as idle). Compute (n = MACs): ``expert_fwd`` / ``expert_bwd`` one expert GEMM pass over a chunk
+    as idle), ``beside`` how much slower compute runs while each collective runs beside it (σ ≥ 1: a
+    compute task fully overlapped by the collective takes σ × its line; missing keys: 1, no slowdown). Compute (n = MACs): ``expert_fwd`` / ``expert_bwd`` one expert GEMM pass over a chunk
     (all GEMMs of the expert type), ``gate_fwd`` / ``gate_bwd`` gate + Order + I-Order (n = tokens·D·E),
     ``dense_fwd`` / ``dense_bwd`` a generalized layer's dense part (attention etc.; n = tokens·D²)."""
 
     ops: dict[str, Linear]
     busy: dict[str, Linear] = field(default_factory=dict)
+    beside: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # where and when it was measured
 
     def __post_init__(self) -> None:
@@ -74,8 +78,12 @@ class Costs:
         if missing:
             raise ValueError(f"Costs: no model for {', '.join(missing)}")
         unknown = [op for op in [*self.ops, *self.busy] if op not in COLLECTIVES + COMPUTE]
+        unknown += [op for op in self.beside if op not in COLLECTIVES]
         if unknown:
             raise ValueError(f"Costs: unknown operations {', '.join(unknown)}")
+        bad = {op: s for op, s in self.beside.items() if not s >= 1.0}
+        if bad:
+            raise ValueError(f"Costs: compute slowdowns beside collectives must be >= 1, got {bad}")
 
     def op(self, name: str, *, busy: bool = False) -> Linear:
         """The line of ``name``; with ``busy``, the one measured under concurrent compute when there is one."""
@@ -83,14 +91,20 @@ class Costs:
             return self.busy[name]
         return self.ops[name]
 
+    def slows(self, collective: str) -> float:
+        """σ of ``collective``: how much slower compute runs fully overlapped by it (1: not slowed)."""
+        return self.beside.get(collective, 1.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {"ops": {k: dataclasses.asdict(v) for k, v in self.ops.items()},
-                "busy": {k: dataclasses.asdict(v) for k, v in self.busy.items()}, "meta": dict(self.meta)}
+                "busy": {k: dataclasses.asdict(v) for k, v in self.busy.items()},
+                "beside": dict(self.beside), "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Costs:
         try:
             return cls(ops={k: Linear(**v) for k, v in data["ops"].items()},
-                       busy={k: Linear(**v) for k, v in data.get("busy", {}).items()}, meta=data.get("meta", {}))
+                       busy={k: Linear(**v) for k, v in data.get("busy", {}).items()},
+                       beside={k: float(v) for k, v in data.get("beside", {}).items()}, meta=data.get("meta", {}))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a costs record: {e}") from None

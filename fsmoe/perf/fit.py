@@ -18,13 +18,15 @@ operation, built by a builder that takes the size fractions and a scale); this m
   end before the collective does (a chunk's GEMMs beside a longer AlltoAll, a layer's beside the
   Gradient-AllReduce), so a busy sample is only partly overlapped; :func:`slowdown` turns (busy time,
   compute time, idle time) into the factor κ by which full overlap stretches the collective, and
-  :func:`contended_line` makes the busy line κ × the idle line, κ the median over the sizes.
+  :func:`contended_line` makes the busy line κ × the idle line, κ the median over the sizes. The same
+  samples, read the other way round, say how much the collective slowed the compute
+  (:func:`compute_slowdown`, σ): on shared cores both slow.
 * :func:`fit_linear` is the least squares, with one constraint the models need: α and β are never
   negative (a negative start-up time, or a time that falls with the workload, is noise in the smallest
   points). When the unconstrained fit leaves the feasible set, the best line with the offending
   coefficient at 0 is taken instead (through the origin, or the mean); R² is always that of the returned
-  line, so a constrained fit shows its cost there. :func:`fit_linear`, :func:`r_squared`, :func:`slowdown`
-  and :func:`contended_line` are pure.
+  line, so a constrained fit shows its cost there. :func:`fit_linear`, :func:`r_squared`, :func:`slowdown`,
+  :func:`contended_line` and :func:`compute_slowdown` are pure.
 """
 
 from __future__ import annotations
@@ -116,6 +118,16 @@ def contended_line(idle: Linear, n: Sequence[float], busy_s: Sequence[float], be
                   r2=r_squared(n, [ki * idle(x) for ki, x in zip(kappas, n, strict=True)], line.alpha_s, line.beta_s))
 
 
+def compute_slowdown(compute: Linear, busy_n: Sequence[float], beside_s: Sequence[float],
+                     busy_s: Sequence[float]) -> float:
+    """σ ≥ 1: how much slower compute runs while a collective runs beside it, from the same busy samples
+    as :func:`contended_line` with the roles swapped: the compute of ``busy_n`` MACs (``compute`` alone)
+    ran ``beside_s`` while the collective ran ``busy_s``; :func:`slowdown` of each size (the compute
+    fully overlapped when the collective outlasted it, else progressing at 1/σ while it ran), the median
+    over the sizes."""
+    return statistics.median(slowdown(c, b, compute(x)) for x, c, b in zip(busy_n, beside_s, busy_s, strict=True))
+
+
 # --- the sweep -----------------------------------------------------------------------------------------
 def sweep_sizes(base: int, fractions: Sequence[float], scale: float = 1.0) -> list[int]:
     """Distinct sizes ⌈base·f·scale⌉ ≥ 1; at least three (1, 2, 3, 4 when ``base`` is that small)."""
@@ -130,12 +142,13 @@ def nothing() -> None:
 @dataclass(kw_only=True, frozen=True)
 class Point:
     """One size of one operation: ``run`` is timed, ``prepare`` (untimed) runs before it, ``busy`` is the
-    compute that a busy measurement runs beside it on another thread."""
+    compute that a busy measurement runs beside it on another thread, ``busy_n`` its workload (MACs)."""
 
     n: float
     run: Callable[[], object]
     prepare: Callable[[], object] = nothing
     busy: Callable[[], object] = nothing
+    busy_n: float = 0.0
 
 
 def world_size() -> int:
@@ -230,7 +243,8 @@ class Measured:
     """One operation's sweep: sizes, the slowest rank's median seconds per size, rounds, the fitted line,
     the seconds it took (max over ranks) and its largest size over the job's (below 1: scaled down to fit
     the budget; sizes with a floor, such as one sequence, may not shrink); with compute beside it,
-    ``beside_s`` the median seconds that compute ran per size (the slowest rank's per sample)."""
+    ``beside_s`` the median seconds that compute ran per size (the slowest rank's per sample) and
+    ``busy_n`` its workload per size."""
 
     n: tuple[float, ...]
     median_s: tuple[float, ...]
@@ -239,6 +253,7 @@ class Measured:
     seconds: float
     scale: float
     beside_s: tuple[float, ...] | None = None
+    busy_n: tuple[float, ...] | None = None
 
 
 def measure(build: Callable[[Sequence[float], float], list[Point]], share_s: float, barrier_s: float,
@@ -295,7 +310,8 @@ def measure(build: Callable[[Sequence[float], float], list[Point]], share_s: flo
             line = fit()
     return Measured(n=tuple(p.n for p in points), median_s=tuple(statistics.median(s) for s in samples),
                     reps=rounds, line=line, seconds=elapsed, scale=points[-1].n / n_full,
-                    beside_s=tuple(statistics.median(s) for s in beside_samples) if beside is not None else None)
+                    beside_s=tuple(statistics.median(s) for s in beside_samples) if beside is not None else None,
+                    busy_n=tuple(p.busy_n for p in points) if beside is not None else None)
 
 
 def barrier_seconds() -> float:

@@ -48,6 +48,14 @@ the rate model here instead (t = t_idle + (1 − 1/κ)·overlap) gave a larger m
 signed −7% vs 0%): on the emulated 2-core cluster a collective often grows by more than the compute
 beside it ran (κ at its cap), which only the interpolation can express.
 
+Compute slows beside communication too (:attr:`fsmoe.perf.costs.Costs.beside`: σ per collective, 1.2–1.9×
+on the emulated 2-core cluster, where a collective's copying and TCP work takes the GEMMs' cores). With
+σ > 1 the plays also update each compute task, by the rate model: it runs at 1/σ of its speed while a
+collective runs beside it (weights 1 − 1/σ add over lanes), solved against the last play's communication
+spans with the same linear extension at its end (:func:`slowed_duration`). Without it, overlapping a
+collective with compute looked free on such ranks, and the planner picked pipelines and in-backward
+Gradient-AllReduce slices that measured 5–13% slower than running them apart.
+
 A Gradient-AllReduce slice inside the block (``gar``) takes the time the caller gives (``t_gar``); with
 ``t_gar_idle`` as well it is contended like the other collectives (``t_gar`` then is its busy time).
 """
@@ -483,6 +491,51 @@ class ComputeCover:
         return i >= 0 and self.starts[i] < x < self.ends[i]
 
 
+MAX_SLOW_WEIGHT = 0.9  # cap of the summed weights of overlapping collectives (compute at ≥ 1/10 of its speed)
+
+
+class CommCover:
+    """The communication spans of one play, each weighted by how much it slows compute beside it
+    (w = 1 − 1/σ, :meth:`fsmoe.perf.costs.Costs.slows`); spans on different lanes may overlap, and their
+    weights add, up to :data:`MAX_SLOW_WEIGHT`. The weighted time inside any interval is two binary
+    searches."""
+
+    def __init__(self, spans: Sequence[tuple[float, float, float]]) -> None:
+        self.xs = sorted({x for a, b, w in spans if w > 0 and b > a for x in (a, b)})
+        density = [0.0] * len(self.xs)  # on [xs[i], xs[i+1])
+        for a, b, w in spans:
+            if w > 0 and b > a:
+                for i in range(bisect.bisect_left(self.xs, a), bisect.bisect_left(self.xs, b)):
+                    density[i] += w
+        self.density = [min(d, MAX_SLOW_WEIGHT) for d in density]
+        self.before = [0.0]  # before[i]: weighted time up to xs[i]
+        for i in range(len(self.xs) - 1):
+            self.before.append(self.before[-1] + self.density[i] * (self.xs[i + 1] - self.xs[i]))
+
+    def __bool__(self) -> bool:
+        return bool(self.xs)
+
+    def upto(self, x: float) -> float:
+        """Weighted communication time in (-inf, x]."""
+        i = bisect.bisect_right(self.xs, x) - 1
+        return 0.0 if i < 0 else self.before[i] + self.density[i] * (x - self.xs[i])
+
+    def at(self, x: float) -> float:
+        """The weight just after x (the slope of :meth:`upto` there)."""
+        i = bisect.bisect_right(self.xs, x) - 1
+        return self.density[i] if i >= 0 else 0.0
+
+
+def slowed_duration(lo: float, d: float, covered: float, weight: float) -> float:
+    """The duration x of a compute task (``lo`` alone) that lasted ``d`` with ``covered`` weighted seconds
+    of communication beside it (:class:`CommCover`), solved with the communication at its end
+    (``weight``) extended linearly: the rate model x = lo + covered + weight·(x − d) — compute runs at
+    1/σ of its speed while a collective of weight 1 − 1/σ runs beside it, so a task overlapped all along
+    takes σ·lo. At least ``lo``; ``weight`` at most :data:`MAX_SLOW_WEIGHT`."""
+    w = min(weight, MAX_SLOW_WEIGHT)
+    return max((lo + covered - w * d) / (1.0 - w), lo)
+
+
 def _overlap(span: TaskSpan, cover: ComputeCover) -> tuple[float, bool]:
     """(seconds of ``span`` that overlap the compute spans, whether its end lies strictly inside one)."""
     return max(cover.upto(span.end_s) - cover.upto(span.start_s), 0.0), cover.inside(span.end_s)
@@ -521,27 +574,35 @@ def contended_duration(lo: float, hi: float, d: float, covered: float, end_insid
 
 
 def play_contended(tasks: Sequence[Task], lanes: Mapping[str, str], idle: Callable[[Task], float],
-                   busy: Callable[[Task], float], *, free_at_s: Mapping[str, float] | None = None,
-                   max_plays: int = CONTENTION_PLAYS) -> Timeline:
-    """:func:`play` with contention (module doc): compute tasks take ``idle(task)``; each communication
-    task, after a play, the duration x = idle + (overlap(x) / x)·(busy − idle) solved against that play's
-    compute spans (:func:`contended_duration`; all idle in the first play). Replays until no duration
+                   busy: Callable[[Task], float], *, slows: Callable[[Task], float] | None = None,
+                   free_at_s: Mapping[str, float] | None = None, max_plays: int = CONTENTION_PLAYS) -> Timeline:
+    """:func:`play` with contention (module doc): each communication task, after a play, takes the
+    duration x = idle + (overlap(x) / x)·(busy − idle) solved against that play's compute spans
+    (:func:`contended_duration`; all idle in the first play); each compute task takes ``idle(task)``, or
+    with ``slows`` (σ ≥ 1 of each communication task: compute beside it runs σ× slower) the duration
+    :func:`slowed_duration` finds against that play's communication spans. Replays until no duration
     moves by more than :data:`CONTENTION_TOL` of the makespan, or ``max_plays``; the last play, with
     ``plays`` set."""
     if max_plays < 1:
         raise ValueError(f"play_contended: max_plays must be >= 1, got {max_plays}")
     lo = {t.key: idle(t) for t in tasks}
     hi = {t.key: (busy(t) if t.channel != "compute" else lo[t.key]) for t in tasks}
+    weight = {t.key: 1.0 - 1.0 / slows(t) for t in tasks if t.channel != "compute"} if slows else {}
     durations = dict(lo)
     timeline = play(tasks, lanes, lambda t: durations[t.key], free_at_s=free_at_s)
     plays = 1
     while plays < max_plays:
         cover = _cover(timeline)
+        comm = CommCover([(sp.start_s, sp.end_s, weight[(sp.kind, sp.chunk)]) for sp in timeline.spans
+                          if sp.lane != "compute"]) if weight else None
         new = dict(durations)
         for sp in timeline.spans:
+            key = (sp.kind, sp.chunk)
             if sp.lane != "compute":
-                key = (sp.kind, sp.chunk)
                 new[key] = contended_duration(lo[key], hi[key], sp.end_s - sp.start_s, *_overlap(sp, cover))
+            elif comm:
+                new[key] = slowed_duration(lo[key], sp.end_s - sp.start_s,
+                                           comm.upto(sp.end_s) - comm.upto(sp.start_s), comm.at(sp.end_s))
         if max((abs(new[k] - durations[k]) for k in lo), default=0.0) <= CONTENTION_TOL * timeline.makespan_s:
             break
         durations = new
@@ -568,7 +629,16 @@ def play_pass(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int, *, back
     gar_busy = t_gar or 0.0
     gar_idle = gar_busy if t_gar_idle is None else t_gar_idle
     return play_contended(tasks, lanes_for(spec), pass_durations(work, costs, r, t_gar=gar_idle),
-                          pass_durations(work, costs, r, t_gar=gar_busy, busy=True), free_at_s=free_at_s)
+                          pass_durations(work, costs, r, t_gar=gar_busy, busy=True), slows=pass_slows(costs),
+                          free_at_s=free_at_s)
+
+
+def pass_slows(costs: Costs) -> Callable[[Task], float] | None:
+    """σ of each communication task of a pass (:meth:`Costs.slows` of its collective), or None when no
+    collective slows compute (then compute tasks keep their lines and the plays are as before)."""
+    if not any(s > 1.0 for s in costs.beside.values()):
+        return None
+    return lambda t: costs.slows("gar" if t.kind == "gar" else KIND_OP[t.kind][0])
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -579,14 +649,22 @@ class GarResponse:
     it less its duration. With contention (:func:`play_contended`) the durations of the collectives
     queued behind ``gar`` depend on where it ends: A is played without it and B with a long one (the
     tasks behind it then run after the experts, idle), so the response is exact at both ends and an
-    approximation in between. ``window_s`` = max(A − B, 0) is the slice that fits for free (t_olp,moe, §5.2, measured on
-    the played schedule). A block without a GAR slot has B = −∞ and no window."""
+    approximation in between. ``window_s`` = max(A − B, 0) is the slice that fits without delaying the
+    link (t_olp,moe, §5.2, measured on the played schedule). A block without a GAR slot has B = −∞ and no window.
+
+    Where the GAR slows compute beside it (σ > 1, ``Costs.beside``), the path avoiding it grows too:
+    A + w·min(max(t_gar − ``lead_s``, 0), ``cover_s``), w = 1 − 1/σ (``slow``), ``lead_s`` the time from
+    the slice's start to the next compute and ``cover_s`` σ × the compute after it (the longest overlap
+    that still slows it: the rate model of :func:`slowed_duration`)."""
 
     a_s: float
     b_s: float
+    slow: float = 0.0
+    lead_s: float = 0.0
+    cover_s: float = 0.0
 
     def __call__(self, t_gar: float) -> float:
-        return max(self.a_s, self.b_s + t_gar)
+        return max(self.a_s + self.slow * min(max(t_gar - self.lead_s, 0.0), self.cover_s), self.b_s + t_gar)
 
     @property
     def window_s(self) -> float:
@@ -595,13 +673,22 @@ class GarResponse:
 
 def gar_response(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int) -> GarResponse:
     """A and B of :class:`GarResponse` from two plays (durations do not depend on t_gar); B = −∞ when
-    the schedule runs no GAR slot inside the block (``spec.gar_in_moe`` False)."""
-    base = play_pass(spec, work, costs, r, backward=True).makespan_s
+    the schedule runs no GAR slot inside the block (``spec.gar_in_moe`` False). The compute the slice
+    slows: that of the play without it, after the slice's start in the play with it."""
+    base = play_pass(spec, work, costs, r, backward=True)
     if not spec.gar_in_moe:
-        return GarResponse(a_s=base, b_s=-math.inf)
-    big = 2.0 * base + 1.0  # long enough that the path through gar is the longest: B + big > A
-    b = play_pass(spec, work, costs, r, backward=True, t_gar=big).makespan_s - big
-    return GarResponse(a_s=base, b_s=b)
+        return GarResponse(a_s=base.makespan_s, b_s=-math.inf)
+    big = 2.0 * base.makespan_s + 1.0  # long enough that the path through gar is the longest: B + big > A
+    through = play_pass(spec, work, costs, r, backward=True, t_gar=big)
+    sigma = costs.slows("gar")
+    lead, after = 0.0, 0.0
+    if sigma > 1.0:
+        start = through.span("gar").start_s
+        later = [s for s in base.spans if s.lane == "compute" and s.end_s > start]
+        lead = max(min((s.start_s for s in later), default=start) - start, 0.0)
+        after = sum(s.end_s - max(s.start_s, start) for s in later)
+    return GarResponse(a_s=base.makespan_s, b_s=through.makespan_s - big, slow=1.0 - 1.0 / sigma, lead_s=lead,
+                       cover_s=sigma * after)
 
 
 def degrees_up_to(max_degree: int) -> tuple[int, ...]:
@@ -656,10 +743,10 @@ def layer_table(spec: ScheduleSpec, work: LayerWork, costs: Costs,
 
 
 __all__ = [
-    "BlockWork", "CASE_CLAUSES", "CASE_WORDS", "CONTENTION_PLAYS", "CONTENTION_TOL", "ChunkTimes", "FP32_BYTES",
-    "GarResponse", "LayerTable", "LayerWork", "ONE_CHANNEL_WORDS", "PassModel", "Predicates", "TaskSpan", "Timeline",
-    "block_work", "case_of", "case_time", "closed_form", "contended_duration", "degree_pairs", "degrees_up_to",
-    "gar_response", "layer_table", "layer_work", "overlap_fractions", "padded_for", "pass_durations", "pass_tasks",
-    "play", "play_contended", "play_pass", "predicate_margins", "predicates", "tokens_per_rank", "uses_busy_line",
-    "window",
+    "BlockWork", "CASE_CLAUSES", "CASE_WORDS", "CONTENTION_PLAYS", "CONTENTION_TOL", "ChunkTimes", "CommCover",
+    "FP32_BYTES", "GarResponse", "LayerTable", "LayerWork", "MAX_SLOW_WEIGHT", "ONE_CHANNEL_WORDS", "PassModel",
+    "Predicates", "TaskSpan", "Timeline", "block_work", "case_of", "case_time", "closed_form", "contended_duration",
+    "degree_pairs", "degrees_up_to", "gar_response", "layer_table", "layer_work", "overlap_fractions", "padded_for",
+    "pass_durations", "pass_slows", "pass_tasks", "play", "play_contended", "play_pass", "predicate_margins",
+    "predicates", "slowed_duration", "tokens_per_rank", "uses_busy_line", "window",
 ]

@@ -14,7 +14,10 @@ range launched at a slot occupies the inter-node link (one FIFO, like the runtim
   MoE layer, which waits for the link if the range is still running (its first AlltoAll needs it);
 * ``tail``: what is left is all-reduced after the backward, exposed.
 
-Ranges inside the backward overlap compute and use the ``gar`` busy line, the tail the idle line. Each
+Ranges inside the backward overlap compute and use the ``gar`` busy line, the tail the idle line; where
+the GAR slows compute beside it (σ = ``Costs.slows("gar")`` > 1: CPU ranks sharing cores), the compute
+that a range overlaps runs at 1/σ of its speed (the MoE block through its
+:class:`~fsmoe.perf.model.GarResponse`, the dense backward while the link is busy). Each
 range pays one α (a range spanning two replica kinds pays two in the runtime; ignored) and only its
 bytes whose replica group has more than one rank cost anything (expert shards with EP × ESP = world
 are never all-reduced). Lina's fixed-size chunks pay one α each; its non-blocking slice is modelled on
@@ -172,9 +175,13 @@ class StepModel:
         self.chunk = spec.gar_chunk_bytes
         self.tail_chunk = None if self.in_dense else GRAD_SYNC_BUCKET_BYTES
         self.busy, self.idle = costs.op("gar", busy=True), costs.op("gar")
+        self.sigma = costs.slows("gar")
         self.F = [np.array(t.fwd_s) for t in tables]
         self.A = [np.array([g.a_s for g in t.bwd]) for t in tables]
         self.B = [np.array([g.b_s for g in t.bwd]) for t in tables]
+        self.W = [np.array([g.slow for g in t.bwd]) for t in tables]
+        self.lead = [np.array([g.lead_s for g in t.bwd]) for t in tables]
+        self.cover = [np.array([g.cover_s for g in t.bwd]) for t in tables]
         self.pairs = [t.pairs for t in tables]
         self.window0 = [t.bwd[t.best(0.0)].window_s for t in tables]
         dense_f, dense_b = costs.op("dense_fwd"), costs.op("dense_bwd")
@@ -211,6 +218,13 @@ class StepModel:
                 break
             total += self.mlp_bwd[i] + self.attn_bwd[i]
         return total
+
+    def _compute(self, t: np.ndarray, x: float, link: np.ndarray) -> np.ndarray:
+        """``t`` after ``x`` seconds of compute that the link's GAR range (busy until ``link``) overlaps:
+        at 1/σ of its speed while it does (rate model), x + (1 − 1/σ)·min(link − t, σ·x)."""
+        if self.sigma == 1.0:
+            return t + x
+        return t + x + (1.0 - 1.0 / self.sigma) * np.minimum(np.maximum(link - t, 0.0), self.sigma * x)
 
     def _cost(self, pos: np.ndarray, amount: np.ndarray, line: Linear, chunk: int | None) -> np.ndarray:
         comm = self.stream.comm(pos + amount) - self.stream.comm(pos)
@@ -254,16 +268,18 @@ class StepModel:
                     gar = self._cost(pos, amounts[:, s], self.busy, self.chunk)
                     pos = pos + amounts[:, s]
                 F, A, B = self.F[m], self.A[m], self.B[m]
-                total = F[None, :] + np.maximum(A[None, :], B[None, :] + gar[:, None])
+                W, lead, cov = self.W[m], self.lead[m], self.cover[m]  # GarResponse's slowed compute
+                slowed = W[None, :] * np.minimum(np.maximum(gar[:, None] - lead[None, :], 0.0), cov[None, :])
+                total = F[None, :] + np.maximum(A[None, :] + slowed, B[None, :] + gar[:, None])
                 k = np.argmin(total, axis=1)  # first on ties: the smallest pair
-                block = np.maximum(A[k], B[k] + gar)
+                block = np.maximum(A[k] + slowed[np.arange(len(k)), k], B[k] + gar)
                 t = t + np.maximum(link - t, 0.0) + block  # its first AlltoAll waits for the link
                 link = t.copy()
                 t = t + self.gate_bwd[m]
                 fwd = fwd + F[k]
                 out["pair"][:, f], out["fwd"][:, f], out["bwd"][:, f], out["gar"][:, f] = k, F[k], block, gar
             else:
-                t = t + self.mlp_bwd[j]
+                t = self._compute(t, self.mlp_bwd[j], link)
                 if self.in_dense:
                     start = np.maximum(link, t)
                     budget = None if fixed is not None else t + self.gap[j] - start
@@ -271,7 +287,7 @@ class StepModel:
                     cost = self._cost(pos, amounts[:, s], self.busy, self.chunk)
                     pos = pos + amounts[:, s]
                     link = np.where(cost > 0, start + cost, link)
-                t = t + self.attn_bwd[j]
+                t = self._compute(t, self.attn_bwd[j], link)
         return {"step_s": fwd + end, "fwd_s": fwd, "bwd_s": end, "amounts": amounts, **out}
 
     def predict(self, result: dict[str, np.ndarray], i: int = 0, method: str = "") -> StepPrediction:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -160,7 +160,8 @@ def algorithm1(pm: PassModel, *, t_gar: float = 0.0, max_degree: int = MAX_DEGRE
 class LayerPlan:
     """One MoE layer's plan: degrees, padded capacity, each pass's case and bottleneck at those degrees
     (closed forms, busy lines), predicted block times (evaluator; backward with its GAR slice), the
-    slice's bytes and time, and Algorithm 1's continuous answers."""
+    slice's bytes and time, and Algorithm 1's continuous answers. ``gar_after_s``: the GAR the plan
+    leaves after the backward instead (exposed, idle line; 0 when it runs inside or there is none)."""
 
     block: int
     r_fwd: int
@@ -176,6 +177,11 @@ class LayerPlan:
     gar_s: float
     r_star_fwd: float
     r_star_bwd: float
+    gar_after_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.fwd_s + self.bwd_s + self.gar_after_s
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -212,17 +218,27 @@ def describe_layer(spec: ScheduleSpec, work: LayerWork, costs: Costs, *, block: 
 
 
 def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar: float = 0.0,
-               max_degree: int = MAX_DEGREE, block: int = 0) -> LayerPlan:
+               t_gar_after: float | None = None, max_degree: int = MAX_DEGREE, block: int = 0) -> LayerPlan:
     """The degrees of one layer: Algorithm 1's rounded answers and every feasible pair, each played by
     the evaluator (forward + backward with ``t_gar`` inside it, C padded to lcm(r_fwd, r_bwd)); the
-    fastest, smallest on ties. Schedules without a GAR slot in the block ignore ``t_gar``."""
+    fastest, smallest on ties. Schedules without a GAR slot in the block ignore ``t_gar``. With
+    ``t_gar_after`` (the same GAR run after the backward, exposed) the GAR's place is chosen too, the
+    layer's whole-step partition (§5) in its two extremes: inside the backward when that is faster,
+    else after it (``gar_after_s``; ties go inside) — on CPU ranks sharing cores a GAR beside the experts
+    can cost more than it hides (``Costs.beside``)."""
     spec = get_schedule(spec) if isinstance(spec, str) else spec
     table = layer_table(spec, work, costs, degree_pairs(spec, max_degree))
-    k = table.best(t_gar if spec.gar_in_moe else 0.0)
-    r_fwd, r_bwd = table.pairs[k]
     gar = t_gar if spec.gar_in_moe else 0.0
-    return describe_layer(spec, work, costs, block=block, r_fwd=r_fwd, r_bwd=r_bwd, fwd_s=table.fwd_s[k],
+    k = table.best(gar)
+    after = 0.0
+    if spec.gar_in_moe and t_gar_after is not None:
+        k_after = table.best(0.0)
+        if table.total_s(k_after) + t_gar_after < table.total_s(k, gar):
+            k, gar, after = k_after, 0.0, t_gar_after
+    r_fwd, r_bwd = table.pairs[k]
+    plan = describe_layer(spec, work, costs, block=block, r_fwd=r_fwd, r_bwd=r_bwd, fwd_s=table.fwd_s[k],
                           bwd_s=table.bwd[k](gar), gar_s=gar, max_degree=max_degree)
+    return replace(plan, gar_after_s=after)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -242,18 +258,20 @@ class LayerPrediction:
 
 
 def predict_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, r_fwd: int = 1, r_bwd: int = 1, *,
-                  gar_bytes: int = 0) -> LayerPrediction:
+                  gar_bytes: int = 0, gar_after: bool = False) -> LayerPrediction:
     """The modelled time of one MoE layer of ``work`` under ``spec`` at (r_fwd, r_bwd) (C padded to their
-    lcm), with the layer benchmark's dense Gradient-AllReduce of ``gar_bytes``."""
+    lcm), with the layer benchmark's dense Gradient-AllReduce of ``gar_bytes`` (after the backward when the
+    schedule has no slot for it, or ``gar_after``)."""
     spec = get_schedule(spec) if isinstance(spec, str) else spec
     w = padded_for(work, r_fwd, r_bwd)
     gate_f, gate_b = costs.op("gate_fwd")(w.n_gate), costs.op("gate_bwd")(w.n_gate)
     fwd = gate_f + play_pass(spec, w, costs, r_fwd, backward=False).makespan_s
-    if spec.gar_in_moe and gar_bytes > 0:  # contended by its overlap with the experts (fsmoe.perf.model)
+    inside = spec.gar_in_moe and not gar_after
+    if inside and gar_bytes > 0:  # contended by its overlap with the experts (fsmoe.perf.model)
         bwd = play_pass(spec, w, costs, r_bwd, backward=True, t_gar=costs.op("gar", busy=True)(gar_bytes),
                         t_gar_idle=costs.op("gar")(gar_bytes))
         return LayerPrediction(fwd_s=fwd, bwd_s=gate_b + bwd.makespan_s, gar_after_s=0.0)
-    after = costs.op("gar")(gar_bytes) if gar_bytes > 0 and not spec.gar_in_moe else 0.0
+    after = costs.op("gar")(gar_bytes) if gar_bytes > 0 and not inside else 0.0
     bwd = play_pass(spec, w, costs, r_bwd, backward=True)
     return LayerPrediction(fwd_s=fwd, bwd_s=gate_b + bwd.makespan_s, gar_after_s=after)
 

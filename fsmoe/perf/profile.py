@@ -37,7 +37,10 @@ is that of a partly overlapped collective: with the idle line and the compute's 
 :func:`fsmoe.perf.fit.contended_line` turns it into ``Costs.busy`` — the collective *fully* overlapped,
 κ × the idle line, which is what :func:`fsmoe.perf.model.play_contended` scales by each task's overlap.
 On this machine an overlapped AlltoAll is 1.4–2.5× its idle time: softirq and TCP work compete with the
-GEMMs for the same cores.
+GEMMs for the same cores. The GEMMs beside it slow too: with their own time per sample and the
+``expert_fwd`` line, :func:`fsmoe.perf.fit.compute_slowdown` gives ``Costs.beside`` — σ per collective,
+how much longer compute runs while that collective runs beside it (1.2–1.9× here; about 1 on a GPU,
+where the collective runs on its own engines).
 
 Bounded: ``budget_s`` (default 30 s) is split evenly over the measurements still to run, and each one
 fits itself into its share (fewer repetitions, then fewer sizes, then smaller sizes, noted in
@@ -90,6 +93,7 @@ from fsmoe.perf.fit import (
     Point,
     barrier,
     barrier_seconds,
+    compute_slowdown,
     contended_line,
     max_all,
     measure,
@@ -104,7 +108,7 @@ __all__ = [
 ]
 
 BUDGET_S = 30.0
-PROFILE_FORMAT = 2  # bump when what is measured changes: older cache entries stop matching
+PROFILE_FORMAT = 3  # bump when what is measured changes: older cache entries stop matching
 GAR_CHANNEL = 1  # the second set of communicators (build_groups(channels=2)); channel 0 carries the MoE block
 BYTES = 4  # float32
 
@@ -228,6 +232,10 @@ class _Workloads:
             self._inputs[c] = torch.randn(self.e, self.sizes.esp * self.sizes.ep * c, self.sizes.d_model)
         return self._inputs[c]
 
+    def _busy(self, c: int) -> dict[str, Any]:
+        """A busy point's compute (a chunk of c's expert GEMMs) and its workload."""
+        return {"busy": self._compute(c), "busy_n": self.sizes.expert_macs(c)}
+
     def _compute(self, c: int) -> Callable[[], object]:
         """The expert GEMMs of a chunk of c: what runs beside a busy collective."""
         x = self._expert_input(c)
@@ -241,7 +249,7 @@ class _Workloads:
         pts = []
         for c in self.chunks(fractions, scale):
             buf = torch.randn(s.ep, self.e, c, s.d_model)
-            pts.append(Point(n=s.a2a_bytes(c), run=_no_grad(lambda b=buf: disp.exchange(b)), busy=self._compute(c)))
+            pts.append(Point(n=s.a2a_bytes(c), run=_no_grad(lambda b=buf: disp.exchange(b)), **self._busy(c)))
         return pts
 
     def ag(self, fractions: Sequence[float], scale: float) -> list[Point]:
@@ -250,7 +258,7 @@ class _Workloads:
         for c in self.chunks(fractions, scale):
             x = torch.randn(self.e, s.ep * c, s.d_model)
             pts.append(Point(n=s.gathered_bytes(c), run=_no_grad(lambda x=x: disp.gather_shards(x)),
-                              busy=self._compute(c)))
+                              **self._busy(c)))
         return pts
 
     def rs(self, fractions: Sequence[float], scale: float) -> list[Point]:
@@ -259,17 +267,17 @@ class _Workloads:
         for c in self.chunks(fractions, scale):
             y = torch.randn(self.e, s.esp * s.ep * c, s.d_model)
             pts.append(Point(n=s.gathered_bytes(c), run=_no_grad(lambda y=y: disp.reduce_shards(y)),
-                              busy=self._compute(c)))
+                              **self._busy(c)))
         return pts
 
     def gar(self, fractions: Sequence[float], scale: float) -> list[Point]:
         assert self.groups is not None  # skipped without groups: one process has dense DP = 1
         group = self.groups.group("dense_dp", _gar_channel(self.groups))
-        busy = self._compute(self.sizes.capacity)  # a whole layer's expert GEMMs beside each all-reduce
+        busy = self._busy(self.sizes.capacity)  # a whole layer's expert GEMMs beside each all-reduce
         pts = []
         for numel in sweep_sizes(self.sizes.dense_grad_bytes // BYTES, fractions, scale):
             buf = torch.randn(numel)
-            pts.append(Point(n=numel * BYTES, run=lambda b=buf: all_reduce_(b, group), busy=busy))
+            pts.append(Point(n=numel * BYTES, run=lambda b=buf: all_reduce_(b, group), **busy))
         return pts
 
     def expert_fwd(self, fractions: Sequence[float], scale: float) -> list[Point]:
@@ -387,7 +395,8 @@ def profile_job(job: JobConfig, groups: ProcessGroups | None, rank: int, *, toke
 
     ``meta``: ``sizes`` (:class:`JobSizes`), ``n_job`` (each operation's n for the whole layer, r = 1:
     the n the models divide by r), ``points`` (per measurement, ``*_busy`` included: sizes, median
-    seconds, rounds; busy ones also the compute's median seconds beside it and each size's slowdown κ),
+    seconds, rounds; busy ones also the compute's median seconds and MACs beside it, each size's slowdown κ
+    and the compute's σ),
     ``skipped`` (operation → why its line is zero), ``scaled`` (measurements whose sizes were shrunk to
     fit the budget), ``groups`` (which groups and channels were timed),
     ``profiled_at``, ``host``, ``wall_s``, ``budget_s``, ``threads``, ``format``."""
@@ -433,15 +442,24 @@ def profile_job(job: JobConfig, groups: ProcessGroups | None, rank: int, *, toke
             points[name] = {"n": list(m.n), "median_s": list(m.median_s), "reps": m.reps}
             if m.beside_s is not None:
                 points[name]["beside_s"] = list(m.beside_s)
+                points[name]["beside_n"] = list(m.busy_n or ())
                 points[name]["slowdown"] = [slowdown(b, c, lines[op](x)) for x, b, c in
                                             zip(m.n, m.median_s, m.beside_s, strict=True)]
             if m.scale < 1:
                 scaled[name] = m.scale
             say(_progress_line(name, busy_lines[op] if busy else m.line, m, spent, budget_s,
                                lines.get(op) if busy else None))
+    beside = {}  # the compute's slowdown beside each collective, now that the expert_fwd line is known
+    for op in busy_lines:
+        p = points[f"{op}_busy"]
+        p["compute_slowdown"] = [slowdown(c, b, lines["expert_fwd"](x))
+                                 for x, c, b in zip(p["beside_n"], p["beside_s"], p["median_s"], strict=True)]
+        beside[op] = compute_slowdown(lines["expert_fwd"], p["beside_n"], p["beside_s"], p["median_s"])
+    if beside:
+        say("[profile] compute beside " + ", ".join(f"{op} {s:.2f}x" for op, s in beside.items()))
     wall, stamp = max_all([time.perf_counter() - t0, time.time()])  # the same on every rank
     say(f"[profile] done in {wall:.1f} s")
-    return Costs(ops={op: lines[op] for op in COLLECTIVES + COMPUTE}, busy=busy_lines, meta={
+    return Costs(ops={op: lines[op] for op in COLLECTIVES + COMPUTE}, busy=busy_lines, beside=beside, meta={
         "format": PROFILE_FORMAT,
         "profiled_at": datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -659,10 +677,11 @@ def run_profile(job: JobConfig, *, cache_dir: str | Path, reprofile: bool = Fals
 # --- the table ------------------------------------------------------------------------------------------
 def format_costs(costs: Costs) -> str:
     """One row per operation: α (µs), β (ns per byte for collectives, ps per unit of n for compute), the
-    rate 1/β, R², and for collectives the busy/idle time ratio at the largest size measured."""
+    rate 1/β, R², and for collectives the busy/idle time ratio at the largest size measured and how much
+    slower compute runs beside them (σ, ``Costs.beside``)."""
     skipped = costs.meta.get("skipped", {})
     points = costs.meta.get("points", {})
-    rows = [f"{'op':<11}{'n':>5}{'α µs':>10}{'β':>14}{'rate':>14}{'R²':>8}{'busy/idle':>11}"]
+    rows = [f"{'op':<11}{'n':>5}{'α µs':>10}{'β':>14}{'rate':>14}{'R²':>8}{'busy/idle':>11}{'compute':>9}"]
     for op in COLLECTIVES + COMPUTE:
         ln = costs.ops[op]
         coll = op in COLLECTIVES
@@ -676,7 +695,9 @@ def format_costs(costs: Costs) -> str:
         if coll and op in costs.busy:
             n = (points.get(op) or {}).get("n", [1e6])[-1]
             ratio = f"{costs.busy[op](n) / ln(n):.2f}x" if ln(n) > 0 else "—"
+        sigma = f"{costs.beside[op]:.2f}x" if op in costs.beside else ""
         unit = "B" if coll else ("MAC" if op.startswith("expert") else "")
-        rows.append(f"{op:<11}{unit:>5}{ln.alpha_s * 1e6:>10.1f}{beta:>14}{rate:>14}{r2:>8}{ratio:>11}")
-    rows.append("n: collectives bytes; expert MACs; gate tokens·D·E; dense tokens·D² (fsmoe.perf.profile)")
+        rows.append(f"{op:<11}{unit:>5}{ln.alpha_s * 1e6:>10.1f}{beta:>14}{rate:>14}{r2:>8}{ratio:>11}{sigma:>9}")
+    rows.append("n: collectives bytes; expert MACs; gate tokens·D·E; dense tokens·D² (fsmoe.perf.profile); compute: "
+                "how much slower compute runs beside the collective")
     return "\n".join(rows)

@@ -4,6 +4,7 @@ a traced row's predicted timeline sits on ``predicted:*`` tracks from the measur
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -53,7 +54,7 @@ def test_auto_row_is_plan_layers_answer(layout: dict[str, int]) -> None:
     auto = plan_auto(job, costs)
     t_gar = costs.op("gar", busy=True)(gar_bytes(job))
     want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=t_gar,
-                      max_degree=job.plan.max_degree)
+                      t_gar_after=costs.op("gar")(gar_bytes(job)), max_degree=job.plan.max_degree)
     assert (auto.impl.r_fwd, auto.impl.r_bwd) == (want.r_fwd, want.r_bwd)
     assert auto.plan == want and auto.t_gar_s == t_gar == gar_time(job, costs)
     assert gar_bytes(job) == int(0.25 * 2**20)  # the quick preset's dense_grad_mb, fp32
@@ -64,6 +65,26 @@ def test_auto_row_is_plan_layers_answer(layout: dict[str, int]) -> None:
     # the degrees follow max_degree
     capped = plan_auto(job.with_overrides({"plan.max_degree": 1}), costs)
     assert (capped.impl.r_fwd, capped.impl.r_bwd) == (1, 1)
+
+
+def test_auto_row_moves_the_gar_after_the_backward_when_overlap_does_not_pay() -> None:
+    """The synthetic GAR inside the backward (1.5× busy) pays; one 20× slower beside the experts, or one
+    that slows the experts to a crawl (σ = 10), does not: the row runs it after the backward instead."""
+    job, costs = _job(), synthetic_costs()
+    assert not plan_auto(job, costs).impl.gar_after
+    gar = costs.ops["gar"]
+    for bad in (dataclasses.replace(costs, busy={**costs.busy, "gar": gar.scaled(20)}),
+                dataclasses.replace(costs, beside={"gar": 10.0})):
+        auto = plan_auto(job, bad)
+        assert auto.impl.gar_after and not auto.impl.gar_in_moe and auto.impl.name.endswith(" GAR after")
+        assert auto.plan.gar_s == 0 and auto.plan.gar_after_s == gar(gar_bytes(job)) > 0
+        assert auto.to_dict()["gar_after"]
+        pred = predict_impl(job, bad, auto.impl)
+        assert pred is not None and pred.gar_after_s == auto.plan.gar_after_s
+        inside = predict_impl(job, bad, ImplSpec("fsmoe", auto.impl.r_fwd, auto.impl.r_bwd))
+        assert inside is not None and inside.gar_after_s == 0 and pred.total_s < inside.total_s
+    with pytest.raises(ValueError, match="GAR slot"):
+        ImplSpec("tutel", 2, 2, gar_after=True)
 
 
 def test_synthetic_costs_make_pipelining_pay() -> None:

@@ -14,7 +14,9 @@ from fsmoe.moe.layer import MoELayer
 from fsmoe.parallel.parallelize import apply_pipeline
 from fsmoe.perf.costs import Costs, Linear
 from fsmoe.perf.model import (
+    MAX_SLOW_WEIGHT,
     ChunkTimes,
+    CommCover,
     PassModel,
     case_of,
     case_time,
@@ -24,11 +26,13 @@ from fsmoe.perf.model import (
     layer_work,
     overlap_fractions,
     pass_durations,
+    pass_slows,
     pass_tasks,
     play,
     play_contended,
     play_pass,
     predicates,
+    slowed_duration,
     tokens_per_rank,
     window,
 )
@@ -330,3 +334,67 @@ def test_the_evaluator_plays_the_schedules_own_task_lists() -> None:
     played = play_pass(FSMOE, WORK, costs, 2, backward=True, t_gar=1.0)
     assert [s.name for s in played.spans] == [str(t).split("@")[0] for t in backward_tasks(FSMOE, 2, True)]
     assert {s.lane for s in played.spans} == {"compute", *lanes_for(FSMOE).values()}
+
+
+# --- compute slowed beside communication (Costs.beside) ----------------------------------------------------------
+def test_slowed_duration_by_hand() -> None:
+    # 3 s alone, played [2, 5] with 2 s of a σ = 2 collective (weight 1/2) beside it, none at its end: 3 + 1
+    assert slowed_duration(3.0, 3.0, 1.0, 0.0) == 4.0
+    # overlapped all along (weight 1/2 at its end too): σ·lo = 6
+    assert slowed_duration(3.0, 3.0, 1.5, 0.5) == pytest.approx(6.0)
+    assert slowed_duration(3.0, 3.0, 0.0, 0.0) == 3.0  # nothing beside it
+    assert slowed_duration(1.0, 1.0, MAX_SLOW_WEIGHT, 5.0) == pytest.approx(1.0 / (1.0 - MAX_SLOW_WEIGHT))  # capped
+
+
+def test_comm_cover_adds_overlapping_weights() -> None:
+    cover = CommCover([(0.0, 2.0, 0.5), (1.0, 3.0, 0.25), (5.0, 6.0, 0.0)])  # a weightless span adds nothing
+    assert cover.upto(-1.0) == 0.0 and cover.upto(1.0) == pytest.approx(0.5)
+    assert cover.upto(2.0) == pytest.approx(0.5 + 0.75) and cover.upto(10.0) == pytest.approx(1.0 + 0.5)
+    assert (cover.at(0.5), cover.at(1.5), cover.at(2.5), cover.at(3.0)) == (0.5, 0.75, 0.25, 0.0)
+    assert not CommCover([(0.0, 1.0, 0.0)])
+    assert CommCover([(0.0, 1.0, 0.75), (0.0, 1.0, 0.75)]).at(0.5) == MAX_SLOW_WEIGHT  # compute never stops
+
+
+def test_compute_slowed_beside_two_chunks_by_hand() -> None:
+    """TWO_CHUNKS with busy = idle collectives whose compute beside runs at half speed (σ = 2):
+    dispatch[1] on [2, 4] lies inside expert[0] (3 s from 2): 2 s at half speed, 3 + 1 = 4 s; expert[1]
+    then starts at 6: makespan 9 (8 without), played twice (the second play's durations stay)."""
+    idle = {"dispatch": 2.0, "expert": 3.0}
+    played = play_contended(TWO_CHUNKS, {"inter": "inter"}, lambda t: idle[t.kind], lambda t: idle[t.kind],
+                            slows=lambda t: 2.0, max_plays=60)
+    assert played.plays == 2
+    e0, e1 = played.span("expert", 0), played.span("expert", 1)
+    assert (e0.start_s, e0.end_s) == (2.0, pytest.approx(6.0)) and e1.end_s - e1.start_s == pytest.approx(3.0)
+    assert played.makespan_s == pytest.approx(9.0)
+    unslowed = play_contended(TWO_CHUNKS, {"inter": "inter"}, lambda t: idle[t.kind], lambda t: idle[t.kind],
+                              slows=lambda t: 1.0)
+    assert unslowed.makespan_s == 8.0 and unslowed.plays == 1
+
+
+def test_compute_slowdown_in_the_pipelined_block() -> None:
+    """r = 1 overlaps nothing: the same with and without σ. At r = 4 (compute bound) the experts beside
+    the steady-state AlltoAlls slow and the block takes longer, by at most (σ − 1) × the AlltoAll time."""
+    costs = costs_for(a2a=1, ag=0.5, exp_fwd=8)
+    slowed = dataclasses.replace(costs, beside={"a2a": 2.0})
+    assert pass_slows(costs) is None and pass_slows(slowed) is not None
+    seq = play_pass(SEQ, WORK, costs, 1, backward=False).makespan_s
+    assert play_pass(SEQ, WORK, slowed, 1, backward=False).makespan_s == seq
+    fast = play_pass(FSMOE, WORK, costs, 4, backward=False).makespan_s
+    slow = play_pass(FSMOE, WORK, slowed, 4, backward=False).makespan_s
+    assert fast < slow <= fast + (2.0 - 1.0) * 2 * 1
+
+
+def test_gar_response_slows_the_path_around_the_gar() -> None:
+    """fsmoe r = 1 backward, compute bound: combine_bwd [0, 1], reduce_bwd [1, 1.5], the expert (8 s) from
+    1.5; a GAR slice from 1 shorter than the expert leaves the link free (B + t < A) but, with σ = 2,
+    slows the expert by half its overlap, (t − 0.5)/2 — the response and a play agree."""
+    costs = dataclasses.replace(costs_for(a2a=1, ag=0.5, exp_fwd=4, gar=L(0.0, 1e-3)), beside={"gar": 2.0})
+    g = gar_response(FSMOE, WORK, costs, 1)
+    assert (g.slow, g.lead_s) == (0.5, 0.5) and g.cover_s == pytest.approx(2.0 * 8.0)
+    assert g(0.0) == g(0.5) == g.a_s
+    for t in (1.0, 3.0):
+        played = play_pass(FSMOE, WORK, costs, 1, backward=True, t_gar=t)
+        assert g(t) == pytest.approx(g.a_s + (t - 0.5) / 2)
+        assert played.makespan_s == pytest.approx(g(t), rel=1e-6)
+    unslowed = gar_response(FSMOE, WORK, dataclasses.replace(costs, beside={}), 1)
+    assert (unslowed.slow, unslowed(3.0)) == (0.0, unslowed.a_s)

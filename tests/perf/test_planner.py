@@ -233,6 +233,69 @@ def test_step_walk_by_hand() -> None:
     assert late["bwd_s"][0] == pytest.approx(7 + 3.68 + 9.728)
 
 
+def test_step_walk_with_compute_slowed_beside_the_gar() -> None:
+    """The walk above with σ = 2 for the GAR: 1000 B at dense:0 occupy the link for 1 s from 7 s while
+    block 0's attention (1 s) runs beside it at half speed: 1.5 s; the tail (12408 B) follows at 8.5 s.
+    In the MoE block, the slice slows the path around it as its GarResponse says (w = 1/2 after a 0.5 s
+    lead, at most cover_s): 64 B = 0.064 s at moe:1 leave it at 5; at 0.1 s per byte, 6.4 s make it 6.5."""
+    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
+                                                                                         d_hidden=8))
+    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
+    zero = L(0.0, 0.0)
+    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 1e-3), "expert_fwd": zero, "expert_bwd": zero,
+           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
+    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
+
+    def model(sigma: float, response: GarResponse) -> StepModel:
+        table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(response,))
+        return StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
+                         costs=Costs(ops=ops, beside={"gar": sigma}), stream=stream)
+
+    plain = GarResponse(a_s=5.0, b_s=1.0)
+    one_range = np.array([[0, 0, 1000, 0]])
+    assert model(1.0, plain).run(fixed=one_range)["bwd_s"][0] == pytest.approx(7 + 1 + 12.408)
+    assert model(2.0, plain).run(fixed=one_range)["bwd_s"][0] == pytest.approx(7 + 1.5 + 12.408)
+    slowed = model(2.0, GarResponse(a_s=5.0, b_s=1.0, slow=0.5, lead_s=0.5, cover_s=8.0))
+    short = slowed.run(fixed=np.array([[64, 0, 0, 0]]))  # 0.064 s: within the lead, nothing slowed
+    assert (short["gar"][0, 0], short["bwd"][0, 0]) == (pytest.approx(0.064), 5.0)
+    ops["gar"] = L(0.0, 0.1)  # 64 B take 6.4 s: 5 + 0.5·min(6.4 − 0.5, 3) = 6.5 > B + 6.4 = 5.4
+    capped = model(2.0, GarResponse(a_s=5.0, b_s=-1.0, slow=0.5, lead_s=0.5, cover_s=3.0))
+    assert capped.run(fixed=np.array([[64, 0, 0, 0]]))["bwd"][0, 0] == pytest.approx(6.5)
+
+
+def test_plan_layer_moves_the_gar_after_when_that_is_faster() -> None:
+    """With t_gar_after the plan compares the best pair with the slice inside against the best without
+    it plus the GAR after the backward. Compute bound at r = 1 (window ≈ 5.4 ms): a 2 ms slice (1 ms
+    alone) hides inside; with σ = 10 it slows the experts by 0.9 × its overlap, ≈ 1.7 ms > 1 ms after."""
+    costs = COSTS["compute"]
+    t_in, t_after = 2e-3, 1e-3
+    inside = plan_layer("fsmoe", WORK, costs, t_gar=t_in, t_gar_after=t_after)
+    assert inside.gar_after_s == 0 and inside.gar_s == t_in  # hidden beside the experts: stays inside
+    assert inside == plan_layer("fsmoe", WORK, costs, t_gar=t_in)
+    slow = dataclasses.replace(costs, beside={"gar": 10.0})
+    moved = plan_layer("fsmoe", WORK, slow, t_gar=t_in, t_gar_after=t_after)
+    assert (moved.gar_s, moved.gar_after_s) == (0.0, t_after)
+    alone = plan_layer("fsmoe", WORK, slow)
+    assert (moved.r_fwd, moved.r_bwd) == (alone.r_fwd, alone.r_bwd)
+    assert moved.total_s == pytest.approx(alone.fwd_s + alone.bwd_s + t_after)
+    kept = plan_layer("fsmoe", WORK, slow, t_gar=t_in)  # not offered: the slice stays inside, slowed
+    assert kept.gar_after_s == 0 and kept.total_s > moved.total_s
+    assert plan_layer("tutel", WORK, slow, t_gar=t_in, t_gar_after=t_after).gar_after_s == 0  # no slot: no choice
+    # the prediction of the moved layer puts the GAR after the backward on the idle line
+    pred = predict_layer("fsmoe", WORK, slow, moved.r_fwd, moved.r_bwd, gar_bytes=1000, gar_after=True)
+    assert pred.gar_after_s == costs.op("gar")(1000) and pred.bwd_s == predict_layer(
+        "fsmoe", WORK, slow, moved.r_fwd, moved.r_bwd).bwd_s
+
+
+@pytest.mark.parametrize("name", list(COSTS))
+def test_plan_layer_with_slowed_compute_is_the_brute_force_argmin(name: str) -> None:
+    slowed = dataclasses.replace(COSTS[name], beside={"a2a": 1.6, "ag": 1.3, "rs": 1.3})
+    times = brute_force("fsmoe", WORK, slowed, 0.0)
+    lp = plan_layer("fsmoe", WORK, slowed)
+    assert times[(lp.r_fwd, lp.r_bwd)] == pytest.approx(min(times.values()), rel=1e-12)
+    assert min(times.values()) >= min(brute_force("fsmoe", WORK, COSTS[name], 0.0).values())
+
+
 @pytest.mark.parametrize("name", list(COSTS))
 @pytest.mark.parametrize("spec", ["fsmoe", "fsmoe_no_iio"])
 def test_partition_respects_readiness_and_never_loses(name: str, spec: str) -> None:

@@ -27,6 +27,7 @@ from fsmoe.perf.fit import (
     FEW_FRACTIONS,
     FRACTIONS,
     MAX_SLOWDOWN,
+    compute_slowdown,
     contended_line,
     fit_linear,
     r_squared,
@@ -101,6 +102,30 @@ def test_contended_line_is_the_idle_line_times_the_median_slowdown():
     # κ: 3/2 (covered), 3/(3 − 4.5 + 3) = 2, 1/(5 − 7 + 1) < 0 -> MAX_SLOWDOWN; median 2
     assert (busy.alpha_s, busy.beta_s) == (2.0, 2.0)
     assert busy.r2 == pytest.approx(r_squared([1, 2, 4], [3.0, 6.0, 5 * MAX_SLOWDOWN], 2.0, 2.0))
+
+
+def test_compute_slowdown_reads_the_busy_samples_the_other_way_round():
+    compute = Linear(alpha_s=0.0, beta_s=1.0)  # 2 s for n = 2
+    # the collective (5 s) outlasted the compute (3 s instead of 2): overlapped all along, σ = 1.5
+    assert compute_slowdown(compute, [2.0], beside_s=[3.0], busy_s=[5.0]) == 1.5
+    # the collective ran 2 s of the compute's 3: 2/σ done beside it, 2 − 2/σ = 1 s after -> σ = 2
+    assert compute_slowdown(compute, [2.0], beside_s=[3.0], busy_s=[2.0]) == pytest.approx(2.0)
+    # the median over sizes; compute faster than alone is noise (1)
+    assert compute_slowdown(compute, [2.0, 2.0, 4.0], beside_s=[3.0, 3.0, 3.0], busy_s=[5.0, 2.0, 9.0]) == 1.5
+
+
+def test_costs_carry_the_compute_slowdown():
+    ops = {op: Linear(alpha_s=1e-4, beta_s=1e-9) for op in COLLECTIVES + COMPUTE}
+    costs = Costs(ops=ops, beside={"a2a": 1.5, "gar": 1.2})
+    assert Costs.from_dict(costs.to_dict()) == costs
+    assert (costs.slows("a2a"), costs.slows("ag")) == (1.5, 1.0)  # not measured: not slowed
+    assert Costs.from_dict({"ops": costs.to_dict()["ops"]}).beside == {}  # a record from before: none
+    with pytest.raises(ValueError, match=">= 1"):
+        Costs(ops=ops, beside={"a2a": 0.5})
+    with pytest.raises(ValueError, match="unknown operations expert_fwd"):
+        Costs(ops=ops, beside={"expert_fwd": 2.0})
+    row = next(line for line in format_costs(costs).splitlines() if line.startswith("a2a"))
+    assert row.rstrip().endswith("1.50x")
 
 
 def test_sweep_sizes_are_the_chunks_of_r_1_to_8():
@@ -281,6 +306,10 @@ def test_profile_fits_the_alltoall(outcomes):
     kappa = statistics.median(costs.meta["points"]["a2a_busy"]["slowdown"])  # busy = κ × idle
     assert costs.busy["a2a"].beta_s == pytest.approx(kappa * costs.ops["a2a"].beta_s)
     assert len(costs.meta["points"]["a2a_busy"]["beside_s"]) == len(costs.meta["points"]["a2a_busy"]["n"])
+    # the compute beside each chunk's AlltoAll is that chunk's expert GEMMs: E·c·D·H·G MACs
+    assert costs.meta["points"]["a2a_busy"]["beside_n"] == [2 * c * 384 * 16 * 2 for c in (256, 512, 768, 1024,
+                                                                                            1536, 2048)]
+    assert costs.beside == {"a2a": 1.0}  # expert_fwd not measured here: nothing to compare the compute with
     assert costs.meta["skipped"]["ag"].startswith("ESP = 1")
     assert costs.meta["skipped"]["gar"].startswith("not measured")
     assert costs.ops["gar"] == costs.ops["expert_fwd"] == Linear(alpha_s=0.0, beta_s=0.0)
