@@ -734,11 +734,18 @@ class LayerTable:
 
 def layer_table(spec: ScheduleSpec, work: LayerWork, costs: Costs,
                 pairs: Sequence[tuple[int, int]]) -> LayerTable:
+    """Each pass is played once per (padded C, r): pairs whose lcm pads C alike share their plays."""
+    fwd_of: dict[tuple[int, int], float] = {}
+    bwd_of: dict[tuple[int, int], GarResponse] = {}
     fwd, bwd = [], []
     for r_fwd, r_bwd in pairs:
         w = padded_for(work, r_fwd, r_bwd)
-        fwd.append(play_pass(spec, w, costs, r_fwd, backward=False).makespan_s)
-        bwd.append(gar_response(spec, w, costs, r_bwd))
+        if (w.capacity, r_fwd) not in fwd_of:
+            fwd_of[(w.capacity, r_fwd)] = play_pass(spec, w, costs, r_fwd, backward=False).makespan_s
+        if (w.capacity, r_bwd) not in bwd_of:
+            bwd_of[(w.capacity, r_bwd)] = gar_response(spec, w, costs, r_bwd)
+        fwd.append(fwd_of[(w.capacity, r_fwd)])
+        bwd.append(bwd_of[(w.capacity, r_bwd)])
     return LayerTable(pairs=tuple(pairs), fwd_s=tuple(fwd), bwd=tuple(bwd))
 
 
