@@ -9,8 +9,10 @@ part beside it. :func:`replay_case` builds that as a one-row :class:`~fsmoe.sim.
 attention, no MP collectives; the gate's line from the profile) and plays the row's schedule at the row's
 (r_fwd, r_bwd) with :func:`~fsmoe.sim.engine.layer_tables`, the collectives contended by their overlap with
 compute as the planner's evaluator contends them (:func:`fsmoe.perf.model.play_contended`). The GAR is
-placed where the benchmark ran it: after the backward (schedules without a slot), or all of it inside the
-MoE backward, itself contended between its idle and busy lines (:func:`gar_in_block`).
+placed where the benchmark ran it: after the backward (schedules without a slot, and a planned row that
+moved it there: ``… GAR after``), or all of it inside the MoE backward, itself contended between its idle
+and busy lines (:func:`gar_in_block`). Compute slows beside the collectives by the profile's σ
+(``Costs.beside``) as in the planner's evaluator.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def gar_in_block(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, r_fwd: int
     tasks = pass_tasks(spec, r_bwd, backward=True, with_gar=True)
     idle_gar = gar_time(costs.op("gar"), batch.grad_bytes)
     durations = contended_durations(tasks, lanes_for(spec), chunk_durations(batch, costs, r_bwd, pad), idle_gar, busy,
-                                    gar_busy_s=gar_time(costs.op("gar", busy=True), batch.grad_bytes) if busy else None)
+                                    gar_busy_s=gar_time(costs.op("gar", busy=True), batch.grad_bytes) if busy else None,
+                                    slows=costs.beside or None)
     return makespan(play_spans(tasks, lanes_for(spec), durations))
 
 
@@ -120,7 +123,10 @@ def replay_case(case: dict[str, Any], grad_bytes: float, profile: Path) -> list[
         schedule, rf, rb = parse_row(row["name"])
         spec = get_schedule(schedule)
         tables = layer_tables(spec, batch, costs, pairs=[(rf, rb)])
-        if spec.gar_in_moe:  # the benchmark runs the whole GAR inside the MoE backward: played there, contended
+        if row["name"].endswith(" GAR after"):  # the planner moved the slot's GAR after the backward
+            simulated = float(tables.F[0, 0] + tables.A[0, 0] + gar_time(costs.op("gar"), batch.grad_bytes)[0]
+                              + dense.fwd_s[0] + dense.bwd_s[0])
+        elif spec.gar_in_moe:  # the benchmark runs the whole GAR inside the MoE backward: played there, contended
             simulated = float(tables.F[0, 0] + gar_in_block(spec, batch, costs, rf, rb)[0]
                               + dense.fwd_s[0] + dense.bwd_s[0])
         else:

@@ -41,7 +41,7 @@ import numpy as np
 
 from fsmoe.config import ScheduleSpec
 from fsmoe.perf.costs import Costs, Linear
-from fsmoe.perf.model import CONTENTION_PLAYS, CONTENTION_TOL, KIND_OP, degree_pairs, pass_tasks
+from fsmoe.perf.model import CONTENTION_PLAYS, CONTENTION_TOL, KIND_OP, MAX_SLOW_WEIGHT, degree_pairs, pass_tasks
 from fsmoe.schedule.ir import Task
 from fsmoe.schedule.schedules import lanes_for
 from fsmoe.sim.presets import FP32_BYTES, Layout
@@ -165,24 +165,41 @@ def contended(lo: Array, hi: Array, d: Array, covered: Array, inside: Array) -> 
     return np.where((k <= 0) | (d <= 0), lo, np.clip(x, lo, np.maximum(hi, lo)))
 
 
+def slowed(lo: Array, d: Array, covered: Array, weight: Array) -> Array:
+    """:func:`fsmoe.perf.model.slowed_duration` on arrays: a compute task (``lo`` alone) that lasted ``d``
+    with ``covered`` weighted seconds of communication beside it and ``weight`` at its end."""
+    w = np.minimum(weight, MAX_SLOW_WEIGHT)
+    return np.maximum((lo + covered - w * d) / (1.0 - w), lo)
+
+
 def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: Mapping[str, Array],
                         gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None,
-                        gar_busy_s: Array | float | None = None) -> dict[tuple[str, int], Array | float]:
+                        gar_busy_s: Array | float | None = None,
+                        slows: Mapping[str, float] | None = None) -> dict[tuple[str, int], Array | float]:
     """Every task's duration per layer: the task kind's operation in ``op_s`` (:data:`fsmoe.perf.model.KIND_OP`;
     ``gar`` takes ``gar_s``). With ``busy_s`` (the collectives beside compute) each communication task's is
     then found as :func:`fsmoe.perf.model.play_contended` finds it: after each play it takes
     :func:`contended` against that play's compute spans, replayed until no duration of a layer moves by
     more than ``CONTENTION_TOL`` of its makespan, at most ``CONTENTION_PLAYS`` plays; a layer that has
     settled keeps its durations, so each row is played exactly as alone. ``gar`` is contended too when
-    ``gar_busy_s`` is given (``gar_s`` then is its idle time), as ``play_pass(t_gar=, t_gar_idle=)`` does."""
+    ``gar_busy_s`` is given (``gar_s`` then is its idle time), as ``play_pass(t_gar=, t_gar_idle=)`` does.
+    With ``slows`` (σ per collective, ``Costs.beside``) compute tasks slow beside the collectives as
+    there (:func:`slowed`; the weights' sum is capped at the task's end and over its span, where the
+    evaluator caps it segment by segment: the same while the sum stays below ``MAX_SLOW_WEIGHT``)."""
     durations: dict[tuple[str, int], Array | float] = {
         t.key: (gar_s if t.kind == "gar" else op_s[KIND_OP[t.kind][0]]) for t in tasks}
-    if busy_s is None:
+    weight = {t.key: 1.0 - 1.0 / (slows or {}).get("gar" if t.kind == "gar" else KIND_OP[t.kind][0], 1.0)
+              for t in tasks if t.channel != "compute"}
+    weight = {k: w for k, w in weight.items() if w > 0}
+    if busy_s is None and not weight:
         return durations
     lo = dict(durations)
     comm = [t for t in tasks if t.channel != "compute" and (t.kind != "gar" or gar_busy_s is not None)]
+    comm = comm if busy_s is not None else []
+    computes = [t for t in tasks if t.channel == "compute"] if weight else []
 
     def busy_of(t: Task) -> Array:
+        assert busy_s is not None
         return np.asarray(gar_busy_s if t.kind == "gar" else busy_s[KIND_OP[t.kind][0]], dtype=float)
 
     spans = play_spans(tasks, lanes, durations)
@@ -199,6 +216,16 @@ def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: M
                                       np.zeros_like(s, dtype=bool))
             new[t.key] = contended(np.asarray(lo[t.key], dtype=float), busy_of(t), e - s, covered, inside)
             moved = np.maximum(moved, np.abs(new[t.key] - durations[t.key]))
+        for t in computes:
+            s, e = spans[t.key]
+            covered, at = np.zeros_like(s), np.zeros_like(s)
+            for key, w in weight.items():
+                ws, we = spans[key]
+                covered = covered + w * np.maximum(0.0, np.minimum(e, we) - np.maximum(s, ws))
+                at = at + w * ((ws <= e) & (e < we))
+            covered = np.minimum(covered, MAX_SLOW_WEIGHT * (e - s))
+            new[t.key] = slowed(np.asarray(lo[t.key], dtype=float), e - s, covered, at)
+            moved = np.maximum(moved, np.abs(new[t.key] - durations[t.key]))
         active = active & (moved > CONTENTION_TOL * makespan(spans))
         if not np.any(active):
             break
@@ -208,23 +235,35 @@ def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: M
 
 
 def play_batch(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: Mapping[str, Array],
-               gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None) -> Array:
+               gar_s: Array | float = 0.0, busy_s: Mapping[str, Array] | None = None,
+               slows: Mapping[str, float] | None = None) -> Array:
     """The makespan of ``tasks`` for every layer with :func:`contended_durations` (without ``busy_s``: the
     idle lines, :func:`fsmoe.perf.model.play`; with it: :func:`fsmoe.perf.model.play_contended`)."""
-    return makespan(play_spans(tasks, lanes, contended_durations(tasks, lanes, op_s, gar_s, busy_s)))
+    return makespan(play_spans(tasks, lanes, contended_durations(tasks, lanes, op_s, gar_s, busy_s, slows=slows)))
 
 
 @dataclass(kw_only=True, frozen=True, eq=False)
 class LayerTables:
     """One schedule's MoE block at each degree pair (rows K, columns N): forward makespan ``F``, backward
     A (no GAR slice) and B (through it, less its length; −∞ without a slot), and the summed task time of
-    each operation over both passes (``busy``: ``a2a``, ``ag``, ``rs``, ``expert``)."""
+    each operation over both passes (``busy``: ``a2a``, ``ag``, ``rs``, ``expert``). Where the GAR slows
+    compute (σ > 1), ``W``, ``LEAD`` and ``COVER`` are :class:`~fsmoe.perf.model.GarResponse`'s ``slow``,
+    ``lead_s`` and ``cover_s``: the backward with a slice of t is max(A + W·min(max(t − LEAD, 0), COVER),
+    B + t) (:meth:`backward`)."""
 
     pairs: tuple[tuple[int, int], ...]
     F: Array
     A: Array
     B: Array
     busy: dict[str, Array] = field(default_factory=dict)
+    W: float = 0.0
+    LEAD: Array | float = 0.0
+    COVER: Array | float = 0.0
+
+    def backward(self, t_gar: Array) -> Array:
+        """(K, N) backward blocks with a GAR slice of ``t_gar`` (N,) seconds in the slot."""
+        grown = self.A + self.W * np.minimum(np.maximum(t_gar[None, :] - self.LEAD, 0.0), self.COVER)
+        return np.maximum(grown, self.B + t_gar[None, :])
 
 
 def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: Sequence[tuple[int, int]] | None = None,
@@ -234,8 +273,11 @@ def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: 
     pairs = tuple(degree_pairs(spec, MAX_DEGREE) if pairs is None else pairs)
     cache = {} if cache is None else cache
     lanes = lanes_for(spec)
-    F, A, B = [], [], []
+    slows = costs.beside or None
+    sigma = costs.slows("gar")
+    F, A, B, LEAD, COVER = [], [], [], [], []
     busy: dict[str, list[Array]] = {"a2a": [], "ag": [], "rs": [], "expert": []}
+    none = np.zeros(len(batch))
     for rf, rb in pairs:
         pad = math.lcm(rf, rb)
         out = []
@@ -245,27 +287,41 @@ def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: 
                 op_s = chunk_durations(batch, costs, r, pad)
                 busy_s = chunk_durations(batch, costs, r, pad, busy=True) if costs.busy else None
                 tasks = pass_tasks(spec, r, backward=backward)
-                durations = contended_durations(tasks, lanes, op_s, busy_s=busy_s)
-                base = makespan(play_spans(tasks, lanes, durations))
-                b = np.full(len(batch), -np.inf)
+                durations = contended_durations(tasks, lanes, op_s, busy_s=busy_s, slows=slows)
+                spans = play_spans(tasks, lanes, durations)
+                base = makespan(spans)
+                b, lead, cover = np.full(len(batch), -np.inf), none, none
                 if key[-1]:
                     big = 2.0 * base + 1.0
-                    b = play_batch(pass_tasks(spec, r, backward=True, with_gar=True), lanes, op_s, big, busy_s) - big
+                    with_gar = pass_tasks(spec, r, backward=True, with_gar=True)
+                    through = play_spans(with_gar, lanes, contended_durations(with_gar, lanes, op_s, big, busy_s,
+                                                                              slows=slows))
+                    b = makespan(through) - big
+                    if sigma > 1.0:  # GarResponse's lead and cover (fsmoe.perf.model.gar_response)
+                        g = through[("gar", 0)][0]
+                        later = [(s, e) for t in tasks if t.channel == "compute" for s, e in [spans[t.key]]]
+                        first = functools.reduce(np.minimum, (np.where(e > g, s, np.inf) for s, e in later),
+                                                 np.full(len(batch), np.inf))
+                        lead = np.where(np.isfinite(first), np.maximum(first - g, 0.0), 0.0)
+                        cover = sigma * sum((np.where(e > g, e - np.maximum(s, g), 0.0) for s, e in later), none)
                 summed: dict[str, Array] = {}
                 for t in tasks:
                     op = KIND_OP[t.kind][0]
                     summed[op] = summed.get(op, 0.0) + durations[t.key]
-                cache[key] = (base, b, summed)
+                cache[key] = (base, b, summed, lead, cover)
             out.append(cache[key])
-        (f, _, of), (a, b, ob) = out
+        (f, _, of, _, _), (a, b, ob, lead, cover) = out
         F.append(f)
         A.append(a)
         B.append(b)
+        LEAD.append(lead)
+        COVER.append(cover)
         for kind, ops in (("a2a", ("a2a",)), ("ag", ("ag",)), ("rs", ("rs",)),
                           ("expert", ("expert_fwd", "expert_bwd"))):
             busy[kind].append(sum((d.get(op, 0.0) for d in (of, ob) for op in ops), np.zeros(len(batch))))
     return LayerTables(pairs=pairs, F=np.array(F), A=np.array(A), B=np.array(B),
-                       busy={k: np.array(v) for k, v in busy.items()})
+                       busy={k: np.array(v) for k, v in busy.items()}, W=1.0 - 1.0 / sigma, LEAD=np.array(LEAD),
+                       COVER=np.array(COVER))
 
 
 # --- the dense part ---------------------------------------------------------------------------------------------
@@ -342,51 +398,63 @@ def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, g
                    costs: Costs) -> LayerResult:
     """``spec``'s generalized layer with ``grad_bytes`` to all-reduce in its backward (module docstring). A
     slice in the MoE block's slot overlaps the experts and takes the GAR's busy line (the idle one where the
-    costs have none, as the paper's presets); beside the dense backward and exposed, the idle line."""
+    costs have none, as the paper's presets); beside the dense backward and exposed, the idle line. Where
+    the GAR slows compute (σ > 1), the slot's slice slows the block as :meth:`LayerTables.backward` says
+    and the dense part's slice its dense backward by (1 − 1/σ)·min(t, σ·dense), as the planner's step
+    model does."""
     line = costs.op("gar")
     slot = costs.op("gar", busy=True)
+    sigma = costs.slows("gar")
     n = np.asarray(grad_bytes, dtype=float)
     N = len(n)
     cols = np.arange(N)
-    F, A, B = tables.F, tables.A, tables.B
+    F = tables.F
     full = gar_time(line, n)
     zero = np.zeros(N)
+
+    def beside_dense(t: Array) -> Array:  # how much longer the dense backward runs beside a slice of t
+        return (1.0 - 1.0 / sigma) * np.minimum(t, sigma * dense.bwd_s)
+
     if spec.independent_degrees:  # fsmoe, fsmoe_no_iio: split x bytes into the MoE slot, the rest dense
 
         def inv(line: Linear, t: Array) -> Array:  # the bytes that take t seconds (the paper's g_grad^inv)
             return np.maximum(t - line.alpha_s, 0.0) / line.beta_s if line.beta_s > 0 else np.zeros_like(t)
 
+        A, B = tables.A, tables.B
         cands = [zero, n, n - inv(line, dense.bwd_s)] + [inv(slot, A[k] - B[k]) for k in range(len(tables.pairs))]
         best_t = np.full(N, np.inf)
-        k, t_in, t_dense, exposed = np.zeros(N, dtype=int), zero, zero, zero
+        k, t_in, t_dense, exposed, slowed = np.zeros(N, dtype=int), zero, zero, zero, zero
         for x in cands:
             x = np.clip(np.nan_to_num(x, nan=0.0, posinf=0.0), 0.0, n)
             x_in, x_dense = gar_time(slot, x), gar_time(line, n - x)
-            tot = F + np.maximum(A, B + x_in[None, :])  # (K, N)
+            tot = F + tables.backward(x_in)  # (K, N)
             kx = np.argmin(tot, axis=0)
-            x_exposed = np.maximum(x_dense - dense.bwd_s, 0.0)
-            step = tot[kx, cols] + x_exposed
+            x_slowed = beside_dense(x_dense)
+            x_exposed = np.maximum(x_dense - dense.bwd_s - x_slowed, 0.0)
+            step = tot[kx, cols] + x_slowed + x_exposed
             better = step < best_t * (1 - 1e-12)  # first candidate on ties: nothing in the MoE slot
             best_t = np.where(better, step, best_t)
             k, t_in = np.where(better, kx, k), np.where(better, x_in, t_in)
             t_dense, exposed = np.where(better, x_dense, t_dense), np.where(better, x_exposed, exposed)
-        block_b = np.maximum(A[k, cols], B[k, cols] + t_in)
+            slowed = np.where(better, x_slowed, slowed)
+        block_b = tables.backward(t_in)[k, cols]
     elif spec.gar_in_moe:  # lina: everything in the MoE backward, in fixed chunks
         t_in = gar_time(slot, n, spec.gar_chunk_bytes)
-        tot = F + np.maximum(A, B + t_in[None, :])
+        tot = F + tables.backward(t_in)
         k = np.argmin(tot, axis=0)
-        block_b = np.maximum(A[k, cols], B[k, cols] + t_in)
-        t_dense, exposed = zero, zero
+        block_b = tables.backward(t_in)[k, cols]
+        t_dense, exposed, slowed = zero, zero, zero
     else:
         t_in = zero
-        k = np.argmin(F + A, axis=0)
-        block_b = A[k, cols]
+        k = np.argmin(F + tables.A, axis=0)
+        block_b = tables.A[k, cols]
         if spec.gar_overlap_dense:
-            t_dense, exposed = full, np.maximum(full - dense.bwd_s, 0.0)
+            t_dense, slowed = full, beside_dense(full)
+            exposed = np.maximum(full - dense.bwd_s - slowed, 0.0)
         else:
-            t_dense, exposed = zero, full
+            t_dense, exposed, slowed = zero, full, zero
     return LayerResult(schedule=spec.name, pairs=tables.pairs, pair=k, fwd_s=F[k, cols] + dense.fwd_s,
-                       bwd_s=block_b + dense.bwd_s + exposed, gar_moe_s=t_in, gar_dense_s=t_dense,
+                       bwd_s=block_b + dense.bwd_s + slowed + exposed, gar_moe_s=t_in, gar_dense_s=t_dense,
                        gar_exposed_s=exposed)
 
 

@@ -60,7 +60,8 @@ class Cluster:
         ops = dict(self.costs.ops)
         for op in ("expert_fwd", "expert_bwd"):
             ops[op] = Linear(alpha_s=ops[op].alpha_s * gemms, beta_s=ops[op].beta_s)
-        return Costs(ops=ops, busy=dict(self.costs.busy), meta={**self.costs.meta, "gemms": gemms})
+        return Costs(ops=ops, busy=dict(self.costs.busy), beside=dict(self.costs.beside),
+                     meta={**self.costs.meta, "gemms": gemms})
 
 
 def paper_costs(*, gemm: tuple[float, float], a2a: tuple[float, float], ag: tuple[float, float],
@@ -130,7 +131,7 @@ def load_profile_costs(path: str | Path) -> Costs:
     if not isinstance(record, dict):
         raise ValueError(f"{p} holds no costs record")
     costs = Costs.from_dict(record)
-    return Costs(ops=costs.ops, busy=costs.busy, meta={**costs.meta, "profile": str(p)})
+    return Costs(ops=costs.ops, busy=costs.busy, beside=costs.beside, meta={**costs.meta, "profile": str(p)})
 
 
 def profiled(path: str | Path, *, nodes: int, gpus_per_node: int, mp: int = 1, gemms: int = 2) -> Cluster:
@@ -145,7 +146,8 @@ def profiled(path: str | Path, *, nodes: int, gpus_per_node: int, mp: int = 1, g
     for op in ("dense_fwd", "dense_bwd"):
         ops[op] = Linear(alpha_s=ops[op].alpha_s, beta_s=ops[op].beta_s / 4, r2=ops[op].r2)
     return Cluster(name="profiled", nodes=nodes, gpus_per_node=gpus_per_node, mp=mp,
-                   costs=Costs(ops=ops, busy=costs.busy, meta=costs.meta), source=f"fsmoe profile cache {path}")
+                   costs=Costs(ops=ops, busy=costs.busy, beside=costs.beside, meta=costs.meta),
+                   source=f"fsmoe profile cache {path}")
 
 
 CLUSTERS = {"testbed-a": testbed_a, "testbed-b": testbed_b, "dgx-h100": dgx_h100}

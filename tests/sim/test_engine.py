@@ -243,3 +243,49 @@ def test_contended_rows_are_played_alone() -> None:
         alone = layer_tables(FSMOE, LayerBatch(**{**batch_of(WORK).__dict__, "d_hidden": np.array([h])}), costs)
         assert np.allclose(both.F[:, row], alone.F[:, 0], rtol=REL, atol=0)
         assert np.allclose(both.A[:, row], alone.A[:, 0], rtol=REL, atol=0)
+
+
+# --- compute slowed beside collectives (Costs.beside), as the planner's evaluator slows it -------------------------
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_engine_with_slowed_compute_equals_play_contended(name: str) -> None:
+    """With σ per collective the engine slows compute beside communication as play_pass does: every pair's
+    forward and backward equal the evaluator's, and the GAR slot's lead and cover its GarResponse's."""
+    from fsmoe.perf.model import gar_response
+
+    spec = get_schedule(name)
+    base = costs_for(a2a=1, ag=0.5, exp_fwd=8, alpha=0.01)
+    gar = Linear(alpha_s=0.0, beta_s=1e-3)
+    costs = Costs(ops={**base.ops, "gar": gar}, busy={"a2a": base.op("a2a").scaled(1.5)},
+                  beside={"a2a": 1.6, "ag": 1.2, "rs": 1.2, "gar": 2.0})
+    per_gemm = Costs(ops={**costs.ops, **{op: Linear(alpha_s=costs.op(op).alpha_s / 2, beta_s=costs.op(op).beta_s)
+                                          for op in ("expert_fwd", "expert_bwd")}}, busy=costs.busy, beside=costs.beside)
+    tables = layer_tables(spec, batch_of(WORK), per_gemm)
+    unslowed = layer_tables(spec, batch_of(WORK), Costs(ops=per_gemm.ops, busy=per_gemm.busy))
+    assert tables.W == 0.5
+    for k, (rf, rb) in enumerate(tables.pairs):
+        w = padded_for(WORK, rf, rb)
+        assert tables.F[k, 0] == pytest.approx(play_pass(spec, w, costs, rf, backward=False).makespan_s, rel=REL)
+        assert tables.A[k, 0] == pytest.approx(play_pass(spec, w, costs, rb, backward=True).makespan_s, rel=REL)
+        assert tables.A[k, 0] >= unslowed.A[k, 0] - 1e-12
+        if spec.gar_in_moe:
+            g = gar_response(spec, w, costs, rb)
+            assert (tables.B[k, 0], tables.LEAD[k, 0], tables.COVER[k, 0]) == (
+                pytest.approx(g.b_s, rel=REL), pytest.approx(g.lead_s, rel=REL, abs=1e-12),
+                pytest.approx(g.cover_s, rel=REL))
+            assert tables.backward(np.array([3.0]))[k, 0] == pytest.approx(g(3.0), rel=REL)
+    if spec.pipelined:
+        assert np.any(tables.F > unslowed.F * (1 + 1e-9)), "no expert slowed beside an AlltoAll"
+
+
+def test_dense_gar_slows_the_dense_backward() -> None:
+    """tutel_improved with 6 bytes (6.5 s alone) beside a 1 s dense backward and σ = 2: the dense backward
+    runs 2 s, 1 s more (½ · min(6.5, 2)), and 6.5 − 2 = 4.5 s stay exposed: 12 + 1 + 1 + 4.5."""
+    costs, n = _costs_with_gar(), np.array([6.0])
+    slowed = Costs(ops=costs.ops, busy=costs.busy, beside={"gar": 2.0})
+    improved = schedule_layer(get_schedule("tutel_improved"), TABLES, _dense(1.0), n, slowed)
+    assert (improved.total_s[0], improved.gar_exposed_s[0]) == (pytest.approx(18.5), pytest.approx(4.5))
+    plain = schedule_layer(get_schedule("tutel_improved"), TABLES, _dense(1.0), n, costs)
+    assert plain.bwd_s[0] == improved.bwd_s[0]  # the link bounds both: the slowed compute hides under it
+    short = schedule_layer(get_schedule("tutel_improved"), TABLES, _dense(4.0), np.array([1.0]), slowed)
+    assert short.bwd_s[0] == pytest.approx(
+        schedule_layer(get_schedule("tutel_improved"), TABLES, _dense(4.0), np.array([1.0]), costs).bwd_s[0] + 0.75)
