@@ -89,7 +89,8 @@ def layer_impls(job: JobConfig) -> list[ImplSpec]:
 
 # --- the other packages' APIs this workload calls (each in one place) ----------------------------------------
 def _dispatcher(job: JobConfig, groups: ProcessGroups) -> Dispatcher:
-    return build_dispatcher(job.parallel.dispatcher, groups)
+    # every rank routes bench.tokens: a static capacity is agreed once, not in every forward
+    return build_dispatcher(job.parallel.dispatcher, groups, equal_tokens=True)
 
 
 def _pipelined_block(layer: MoELayer, impl: ImplSpec, runtime: Runtime, gar: Callable[[], None] | None) -> Pipeline:

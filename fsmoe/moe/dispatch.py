@@ -44,8 +44,13 @@ class Dispatcher:
         """Partial expert outputs are summed over the ESP group, so one shard adds the output bias."""
         return self.esp_rank == 0
 
-    def agree_capacity(self, capacity: int) -> int:
-        """The capacity every rank that exchanges slots with this one uses (here: its own)."""
+    def agree_capacity(self, capacity: int, *, num_tokens: int | None = None, static: bool = False) -> int:
+        """The capacity every rank that exchanges slots with this one uses (here: its own).
+
+        ``num_tokens`` is this rank's routing-group size T and ``static`` says that the gate computed
+        ``capacity`` from T and its config alone (a fixed capacity factor, not the busiest expert's load):
+        a distributed dispatcher that was promised equal T on every rank may then skip the exchange
+        (see the capacity agreement in :mod:`fsmoe.parallel.dispatch`)."""
         return capacity
 
     def exchange(self, buf_WX: Tensor) -> Tensor:

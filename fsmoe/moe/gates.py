@@ -219,6 +219,12 @@ class Gate(nn.Module):
     def logits(self, x_TD: Tensor) -> Tensor:
         return project(x_TD, self.wg.weight)
 
+    @property
+    def static_capacity(self) -> bool:
+        """Whether C is a function of the group's size T and the config alone, never of the routing data;
+        then ranks with equal T have equal C without exchanging it. False unless a gate says so."""
+        return False
+
     def route(self, logits_TE: Tensor) -> Routing:
         raise NotImplementedError
 
@@ -252,6 +258,11 @@ class TopKGate(Gate):
     def aux(self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor) -> Tensor:
         """The balance loss over the softmax probabilities: here the scores themselves (computed once)."""
         return balance_loss(scores_TE, expert_TK[:, 0])
+
+    @property
+    def static_capacity(self) -> bool:
+        """C = ceil(k·f·T/E) with a capacity factor; with none, C is the busiest expert's load."""
+        return self.cfg.capacity_factor is not None
 
     def max_load(self, expert_TK: Tensor) -> int:
         # Syncs (a .item()): with no capacity limit C is the busiest expert's load, a data-dependent size.
@@ -323,6 +334,10 @@ class ExpertChoiceGate(Gate):
     picks its top-C tokens, C = ceil(k·f·T/E), so a token gets 0..E experts. Nothing is dropped by
     capacity; ``num_dropped`` counts tokens that no expert picked (out of T)."""
 
+    @property
+    def static_capacity(self) -> bool:
+        return True  # C = ceil(k·f·T/E): a capacity factor is required
+
     def route(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
         scores_TE = torch.softmax(logits_TE, dim=-1)
@@ -351,6 +366,10 @@ class SoftMoEGate(Gate):
         del self.wg
         self.phi = nn.Linear(d_model, cfg.num_experts * cfg.softmoe_slots, bias=False)
         nn.init.normal_(self.phi.weight, std=d_model**-0.5)
+
+    @property
+    def static_capacity(self) -> bool:
+        return True  # S slots per expert, whatever T
 
     def logits(self, x_TD: Tensor) -> Tensor:
         return project(x_TD, self.phi.weight)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -152,16 +153,19 @@ class MoELayer(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"MoE input is an empty batch (shape {tuple(x.shape)}); need at least one token")
 
-    def _agree_capacity(self, capacity: int) -> int:
+    def _agree_capacity(self, capacity: int, num_tokens: int) -> int:
         """The capacity every rank that exchanges slots with this one uses, padded to what the expert
-        block asks (a multiple of its ``capacity_multiple``)."""
-        return fit_capacity(self.dispatcher.agree_capacity(capacity), multiple=self.expert_block.capacity_multiple)
+        block asks (a multiple of its ``capacity_multiple``). The dispatcher hears whether the gate's C
+        is static (a function of T alone), which lets it skip the exchange when ranks have equal T."""
+        agreed = self.dispatcher.agree_capacity(capacity, num_tokens=num_tokens, static=self.gate.static_capacity)
+        return fit_capacity(agreed, multiple=self.expert_block.capacity_multiple)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         hooks = HookChain(layer=self, hooks=tuple(self.hooks))
         x_TD = hooks("before_moe_start", x.reshape(-1, self.d_model))
-        routing = pad_capacity(self.gate(x_TD), self._agree_capacity)
+        routing = self.gate(x_TD)
+        routing = pad_capacity(routing, partial(self._agree_capacity, num_tokens=routing.num_tokens))
         x_ECD = hooks("before_dispatch", self.order.order(x_TD, routing))
         y_ECD = hooks("after_combine", self.expert_block(x_ECD, self.dispatcher, self.experts, hooks))
         y_TD = hooks("before_moe_end", self.order.iorder(y_ECD, routing))

@@ -9,6 +9,10 @@ piece w to EP rank w — differing only in the route (``exchange``). ESP (expert
 all: AllGather the received slots over the ESP group before the expert, ReduceScatter the partial
 outputs after it (paper Fig. 2). Registry: :data:`DISPATCHERS`, names :data:`fsmoe.config.DISPATCHER_NAMES`;
 ``"local"`` is the single-device default.
+
+Capacity agreement: every forward takes the max C over the EP × ESP block (one all-reduce), unless the
+dispatcher was built with ``equal_tokens=True`` and the gate's C is static; then the block exchanges
+only when (T, C) changes, to verify the promise (see :class:`_ExpertParallel`).
 """
 
 from __future__ import annotations
@@ -26,24 +30,70 @@ LOCAL = "local"
 
 
 class _ExpertParallel(Dispatcher):
-    """EP over the ``ep`` group and ESP over the ``esp`` group of ``channel``; subclasses pick the route."""
+    """EP over the ``ep`` group and ESP over the ``esp`` group of ``channel``; subclasses pick the route.
 
-    def __init__(self, groups: ProcessGroups, channel: int = 0) -> None:
+    **Capacity agreement.** Equal-split AlltoAll and AllGather need one C on every rank of the EP × ESP
+    block. By default :meth:`agree_capacity` takes the max over the block in every forward: one blocking
+    all-reduce per MoE layer per forward (a cross-node round trip, and on an oversubscribed CPU host a
+    few scheduler wake-ups), which DeepSpeed-MoE does not pay. ``equal_tokens=True`` is the caller's
+    promise that every rank of the block routes the same number of tokens T in every forward (the
+    trainer's ranks each get batch_size/dense_dp sequences of seq_len/mp tokens). A gate whose C is a
+    pure function of T and its config (``Gate.static_capacity``: a fixed capacity factor) then gives
+    every rank the same C without an exchange.
+
+    The promise is checked, not trusted blindly. The dispatcher remembers the one (T, C) the whole block
+    last verified; a forward at that (T, C) exchanges nothing, and a forward at any other (T, C)
+    exchanges once to verify that every rank has that same T and C, raising the same ``ValueError`` on
+    every rank otherwise (no rank is left waiting). Remembering one shape, not every shape seen, matters:
+    verifications are collective, so the remembered shape is the same on every rank, and ranks whose
+    T differ cannot all skip the check (with a set of shapes, two ranks at two different remembered
+    shapes would both skip it and run an AlltoAll of mismatched sizes, which NCCL need not detect).
+    What a per-shape check cannot turn into a clean error without a collective per forward is a rank
+    that breaks the promise while the others stay at the remembered shape: that rank verifies while the
+    others run their AlltoAll, a collective mismatch (gloo aborts on the size mismatch or times out;
+    NCCL blocks until the group timeout). That is why this is an opt-in promise, made by callers that
+    feed equal batches (:func:`fsmoe.parallel.parallelize.parallelize_gpt` for the trainer), and not
+    the default. Non-static gates (``capacity_factor=None``: C is the busiest expert's load,
+    data-dependent) exchange in every forward whatever the promise."""
+
+    def __init__(self, groups: ProcessGroups, channel: int = 0, *, equal_tokens: bool = False) -> None:
         self.groups = groups
         self.ep_group = groups.group("ep", channel)
         self.esp_group = groups.group("esp", channel)
         self.ep_size = groups.size("ep")
         self.esp_size = groups.size("esp")
         self.esp_rank = groups.ranks["esp"].index(groups.rank)
+        self.equal_tokens = equal_tokens
+        self._verified: tuple[int, int] | None = None  # the (T, C) the whole block last verified it shares
 
-    def agree_capacity(self, capacity: int) -> int:
-        # Syncs: equal-split AlltoAll and AllGather need one C across the EP × ESP block; the max over
-        # the EP group, then over the ESP group, is the max over the block.
-        c = torch.tensor([capacity], dtype=torch.long, device=collective_device(self.ep_group))
+    def agree_capacity(self, capacity: int, *, num_tokens: int | None = None, static: bool = False) -> int:
+        if self.equal_tokens and static and num_tokens is not None:
+            if (num_tokens, capacity) != self._verified:
+                self._verify_shared(num_tokens, capacity)
+                self._verified = (num_tokens, capacity)
+            return capacity
+        return self._max_over_block([capacity])[0]
+
+    def _max_over_block(self, values: list[int]) -> list[int]:
+        # Syncs (an all-reduce and a .tolist()): the elementwise max over the EP group, then over the ESP
+        # group, is the max over the EP × ESP block.
+        v = torch.tensor(values, dtype=torch.long, device=collective_device(self.ep_group))
         for group, size in ((self.ep_group, self.ep_size), (self.esp_group, self.esp_size)):
             if size > 1:
-                dist.all_reduce(c, op=dist.ReduceOp.MAX, group=group)
-        return int(c.item())
+                dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
+        return v.tolist()
+
+    def _verify_shared(self, num_tokens: int, capacity: int) -> None:
+        """Check the ``equal_tokens`` promise at a changed (T, C): one exchange of (max, -min) of both; every
+        rank gets the same numbers, so every rank raises alike when they differ."""
+        t_max, neg_t_min, c_max, neg_c_min = self._max_over_block([num_tokens, -num_tokens, capacity, -capacity])
+        if t_max != -neg_t_min or c_max != -neg_c_min:
+            raise ValueError(
+                f"equal_tokens: this dispatcher was promised the same token count on every rank of its EP x ESP "
+                f"block, but the ranks route T = {-neg_t_min}..{t_max} tokens with capacity C = {-neg_c_min}..{c_max} "
+                f"(this rank: T={num_tokens}, C={capacity}); give every rank equal batches, or build the "
+                f"dispatcher with equal_tokens=False (parallelize_gpt(..., equal_tokens=False))"
+            )
 
     def gather_shards(self, x_eCD: Tensor) -> Tensor:
         if self.esp_size == 1:
@@ -89,8 +139,8 @@ class _Hierarchical(_ExpertParallel):
     (ranks with the same local index on every node). ``new_group`` is collective over the world, so
     every rank builds all of them in the same order."""
 
-    def __init__(self, groups: ProcessGroups, channel: int = 0) -> None:
-        super().__init__(groups, channel)
+    def __init__(self, groups: ProcessGroups, channel: int = 0, *, equal_tokens: bool = False) -> None:
+        super().__init__(groups, channel, equal_tokens=equal_tokens)
         ppn, me = groups.dims.procs_per_node, groups.rank
         self.intra_group: dist.ProcessGroup | None = None
         self.inter_group: dist.ProcessGroup | None = None
@@ -157,13 +207,17 @@ DISPATCHERS: dict[str, type[_ExpertParallel]] = {
 assert tuple(DISPATCHERS) == DISPATCHER_NAMES
 
 
-def build_dispatcher(name: str, groups: ProcessGroups | None = None, channel: int = 0) -> Dispatcher:
+def build_dispatcher(
+    name: str, groups: ProcessGroups | None = None, channel: int = 0, *, equal_tokens: bool = False
+) -> Dispatcher:
     """The dispatcher ``name``: ``"local"`` (no communication) or one of :data:`DISPATCHERS`, which
-    need this rank's :class:`ProcessGroups` and use their communicators of ``channel``."""
+    need this rank's :class:`ProcessGroups` and use their communicators of ``channel``. ``equal_tokens``:
+    the caller's promise of equal token counts on every rank, which lets static capacities skip the
+    per-forward agreement (see :class:`_ExpertParallel`)."""
     if name == LOCAL:
         return Dispatcher()
     if name not in DISPATCHERS:
         raise ValueError(f"unknown dispatcher {name!r}; choose one of {', '.join((LOCAL, *DISPATCHERS))}")
     if groups is None:
         raise ValueError(f"dispatcher {name!r} needs process groups (fsmoe.parallel.dims.build_groups)")
-    return DISPATCHERS[name](groups, channel)
+    return DISPATCHERS[name](groups, channel, equal_tokens=equal_tokens)

@@ -64,12 +64,21 @@ def tensor_parallel_attention(cfg: ModelConfig, group: Group) -> nn.Module:
     return TensorParallelAttention(cfg.d_model, cfg.n_heads, cfg.dropout, group)
 
 
-def parallelize_gpt(model: nn.Module, groups: ProcessGroups, dispatcher: str = "a2a") -> nn.Module:
+def parallelize_gpt(
+    model: nn.Module, groups: ProcessGroups, dispatcher: str = "a2a", *, equal_tokens: bool = True
+) -> nn.Module:
     """In place: MP attention, sequence shard and distributed MoE layers for this rank, for either
-    language model of :func:`fsmoe.models.build_lm` (its ``cfg.arch`` picks the MP attention)."""
+    language model of :func:`fsmoe.models.build_lm` (its ``cfg.arch`` picks the MP attention).
+
+    ``equal_tokens`` (default True) promises the MoE dispatcher that every rank feeds the model the same
+    number of tokens in every forward, as the trainer does (batch_size/dense_dp sequences of seq_len,
+    L/mp of them per MP rank): with a fixed capacity factor the layers then agree their capacity once per
+    shape instead of in every forward (see the capacity agreement in :mod:`fsmoe.parallel.dispatch`). Pass
+    False to feed ranks different batch sizes."""
     dims = groups.dims
     coords = dims.rank_layout(groups.rank)
-    disp = build_dispatcher(dispatcher, groups) if dims.ep * dims.esp > 1 else build_dispatcher("local")
+    disp = (build_dispatcher(dispatcher, groups, equal_tokens=equal_tokens) if dims.ep * dims.esp > 1
+            else build_dispatcher("local"))
     for block in model.blocks:
         if dims.mp > 1:
             tp = tensor_parallel_attention(model.cfg, groups.group("mp"))
