@@ -198,7 +198,7 @@ def handle_plan(job: JobConfig, args: argparse.Namespace) -> int:
     from fsmoe.perf.planner import plan_job
 
     name = job.schedule.name if job.schedule.name in PLANNED_SCHEDULES else "fsmoe"
-    plan = plan_job(job, _costs(job), schedule=name, max_degree=job.plan.max_degree)
+    plan = plan_job(job, _costs(job), schedule=name, max_degree=job.plan.max_degree, min_gain=job.plan.min_gain)
     print(json.dumps(plan.to_dict(), indent=2, allow_nan=False) if args.json else plan.explain())
     return 0
 

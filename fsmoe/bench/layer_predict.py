@@ -100,7 +100,7 @@ def plan_auto(job: JobConfig, costs: Costs) -> AutoPlan:
     t0 = time.perf_counter()
     n = gar_bytes(job)
     plan = plan_layer(AUTO_SCHEDULE, work, costs, t_gar=t_gar, t_gar_after=costs.op("gar")(n) if n > 0 else None,
-                      max_degree=job.plan.max_degree)
+                      max_degree=job.plan.max_degree, min_gain=job.plan.min_gain)
     solve_s = time.perf_counter() - t0
     impl = ImplSpec(AUTO_SCHEDULE, plan.r_fwd, plan.r_bwd, auto=True, gar_after=plan.gar_after_s > 0)
     return AutoPlan(impl=impl, plan=plan, t_gar_s=t_gar, gar_bytes=gar_bytes(job), solve_s=solve_s)

@@ -424,8 +424,9 @@ def format_train_markdown(payload: dict[str, Any]) -> str:
     for name, p in payload.get("plans", {}).items():
         plan = p["plan"]
         degrees = " ".join(f"{a}/{b}" for a, b in plan["degrees"])
+        gar = plan["gar_plan"] if plan["gar_plan"] != "after" else "none (all after the backward)"
         lines += ["", f"{name}: planned r_fwd/r_bwd per MoE layer {degrees}; gradient plan "
-                      f"{plan['gar_plan'] or 'none (all after the backward)'} (partition: {plan['partition']}); "
+                      f"{gar} (partition: {plan['partition']}); "
                       f"predicted step {plan['step_s']:.3f} s; "
                       f"solve {1e3 * plan['solve_s']:.0f} ms, planning with its profile {p['plan_wall_s']:.1f} s."]
     if payload["best_ours"] and payload["speedup_vs_deepspeed"] is not None:

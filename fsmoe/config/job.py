@@ -128,8 +128,9 @@ class ScheduleConfig:
     layer_degrees: tuple[tuple[int, int], ...] | None = opt(
         None, "R_FWD/R_BWD per MoE layer, first to last (what the planner picked; overrides --r-fwd/--r-bwd)",
         parse=parse_degree_pair, nargs="+")
-    gar_plan: str | None = opt(None, "gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready' (none: planned "
-                                     "for fsmoe/fsmoe_no_iio, else the schedule's default)", parse=optional_parser(str))
+    gar_plan: str | None = opt(None, "gradient all-reduce plan, e.g. 'moe:3=2MB,dense:3=ready', or 'after' for all "
+                                     "after the backward (unset: planned for fsmoe/fsmoe_no_iio, else the schedule's "
+                                     "default)", parse=optional_parser(str))
 
     def __post_init__(self) -> None:
         spec = get_schedule(self.name)
@@ -265,9 +266,13 @@ class ClusterConfig:
 class PlanConfig:
     """FSMoE's adaptive core (:mod:`fsmoe.perf`): online profiling within ``profile_budget_s``, cached in
     ``profile_cache`` (a rerun on the same topology and sizes reuses it; ``reprofile`` forces a new one),
-    then pipeline degrees among the powers of two up to ``max_degree``."""
+    then pipeline degrees among the powers of two up to ``max_degree``; a plan that the model predicts
+    less than ``min_gain`` faster than the plain one (r = 1, the Gradient-AllReduce after the backward)
+    gives way to the plain one, since the model's error between two plans is of that order."""
 
     max_degree: int = opt(8, "largest pipeline degree the planner considers (a power of two)", parse=int)
+    min_gain: float = opt(0.03, "smallest predicted gain over the plain plan (r = 1, GAR after the backward) "
+                          "for which the planner pipelines or overlaps the GAR (a fraction)", parse=float)
     profile_budget_s: float = opt(30.0, "seconds online profiling may take", flag="--profile-budget", parse=float)
     profile_cache: str = opt("~/.cache/fsmoe/profiles", "directory of cached profiles")
     reprofile: bool = opt(False, "profile again even when a cached profile matches", parse=parse_bool)
@@ -278,6 +283,8 @@ class PlanConfig:
             raise ValueError(f"PlanConfig: max_degree must be a power of two, got {self.max_degree}")
         if not self.profile_budget_s > 0:
             raise ValueError(f"PlanConfig: profile_budget_s must be > 0, got {self.profile_budget_s}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"PlanConfig: min_gain must be in [0, 1), got {self.min_gain}")
 
 
 DEFAULT_BENCH_SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")

@@ -29,6 +29,7 @@ from fsmoe.parallel.dims import ProcessGroups
 from fsmoe.parallel.grad_sync import REPLICA_ATTR, replica_group
 
 TAIL = "tail"
+NO_PLAN = "after"  # the gradient plan text for "all of it after the backward"
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,11 @@ class PlannedGradSync:
 
 def parse_plan(text: str, layout: StreamLayout) -> GradientPlan:
     """``"moe:3=2MB,dense:3=ready,dense:1=512KB"``: bytes per slot in firing order; ``ready`` takes
-    everything ready at that slot that earlier ranges left."""
+    everything ready at that slot that earlier ranges left. ``"after"``: nothing inside the backward, the
+    whole stream all-reduced after it (the plan the planner writes when overlapping does not pay)."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
+    if text.strip().lower() == NO_PLAN:
+        return GradientPlan()
     ready = layout.ready_bytes()
     ranges: list[tuple[str, int]] = []
     done = 0

@@ -64,7 +64,8 @@ class Costs:
     / ``rs`` the ESP AllGather / ReduceScatter (n = the gathered size; intra-node), ``gar`` the dense
     Gradient-AllReduce; ``busy`` holds the same collectives measured while compute runs (missing keys:
     as idle), ``beside`` how much slower compute runs while each collective runs beside it (σ ≥ 1: a
-    compute task fully overlapped by the collective takes σ × its line; missing keys: 1, no slowdown). Compute (n = MACs): ``expert_fwd`` / ``expert_bwd`` one expert GEMM pass over a chunk
+    compute task fully overlapped by the collective takes σ × its line; missing keys: 1, no slowdown).
+    Compute (n = MACs): ``expert_fwd`` / ``expert_bwd`` one expert GEMM pass over a chunk
     (all GEMMs of the expert type), ``gate_fwd`` / ``gate_bwd`` gate + Order + I-Order (n = tokens·D·E),
     ``dense_fwd`` / ``dense_bwd`` a generalized layer's dense part (attention etc.; n = tokens·D²)."""
 

@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from fsmoe.config import JobConfig, ParallelConfig, ScheduleSpec
 from fsmoe.models import build_lm
-from fsmoe.parallel.grad_plan import TAIL, GradientPlan, StreamLayout, greedy_plan
+from fsmoe.parallel.grad_plan import NO_PLAN, TAIL, GradientPlan, StreamLayout, greedy_plan
 from fsmoe.parallel.grad_sync import REPLICA_ATTR, mark_replicas
 from fsmoe.parallel.parallelize import gpt_gradient_stream
 from fsmoe.perf.costs import Costs, Linear
@@ -351,8 +351,8 @@ def partition(model: StepModel, *, seed: int = 0, maxiter: int = 40, popsize: in
 
 def plan_text(plan: GradientPlan) -> str:
     """The plan in the form ``--gar-plan`` reads (:func:`fsmoe.parallel.grad_plan.parse_plan`): exact bytes
-    per slot, e.g. ``moe:3=1048576B,dense:3=4096B``; empty for no plan."""
-    return ",".join(f"{slot}={n}B" for slot, n in plan.ranges)
+    per slot, e.g. ``moe:3=1048576B,dense:3=4096B``; ``after`` when nothing runs inside the backward."""
+    return ",".join(f"{slot}={n}B" for slot, n in plan.ranges) or NO_PLAN
 
 
 __all__ = ["StepModel", "StepPrediction", "StreamBytes", "default_plan", "partition", "plan_text", "rank_stream",

@@ -218,14 +218,17 @@ def describe_layer(spec: ScheduleSpec, work: LayerWork, costs: Costs, *, block: 
 
 
 def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar: float = 0.0,
-               t_gar_after: float | None = None, max_degree: int = MAX_DEGREE, block: int = 0) -> LayerPlan:
+               t_gar_after: float | None = None, max_degree: int = MAX_DEGREE, block: int = 0,
+               min_gain: float = 0.0) -> LayerPlan:
     """The degrees of one layer: Algorithm 1's rounded answers and every feasible pair, each played by
     the evaluator (forward + backward with ``t_gar`` inside it, C padded to lcm(r_fwd, r_bwd)); the
     fastest, smallest on ties. Schedules without a GAR slot in the block ignore ``t_gar``. With
     ``t_gar_after`` (the same GAR run after the backward, exposed) the GAR's place is chosen too, the
     layer's whole-step partition (§5) in its two extremes: inside the backward when that is faster,
     else after it (``gar_after_s``; ties go inside) — on CPU ranks sharing cores a GAR beside the experts
-    can cost more than it hides (``Costs.beside``)."""
+    can cost more than it hides (``Costs.beside``). A choice predicted less than ``min_gain`` (a
+    fraction) faster than the plain one — r = 1, the GAR after the backward when offered — gives way to
+    it (``plan.min_gain``)."""
     spec = get_schedule(spec) if isinstance(spec, str) else spec
     table = layer_table(spec, work, costs, degree_pairs(spec, max_degree))
     gar = t_gar if spec.gar_in_moe else 0.0
@@ -235,6 +238,11 @@ def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar
         k_after = table.best(0.0)
         if table.total_s(k_after) + t_gar_after < table.total_s(k, gar):
             k, gar, after = k_after, 0.0, t_gar_after
+    plain = table.pairs.index((1, 1))
+    plain_gar, plain_after = (0.0, t_gar_after) if spec.gar_in_moe and t_gar_after is not None else (gar, after)
+    plain_s = table.total_s(plain, plain_gar) + plain_after
+    if table.total_s(k, gar) + after > plain_s / (1.0 + min_gain):
+        k, gar, after = plain, plain_gar, plain_after
     r_fwd, r_bwd = table.pairs[k]
     plan = describe_layer(spec, work, costs, block=block, r_fwd=r_fwd, r_bwd=r_bwd, fwd_s=table.fwd_s[k],
                           bwd_s=table.bwd[k](gar), gar_s=gar, max_degree=max_degree)
@@ -383,11 +391,14 @@ def predict_schedule(spec: ScheduleSpec, job: JobConfig, work: LayerWork, costs:
 
 
 def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedule: str = PLANNED,
-             max_degree: int = MAX_DEGREE, layout: StreamLayout | None = None, seed: int = 0) -> JobPlan:
+             max_degree: int = MAX_DEGREE, layout: StreamLayout | None = None, seed: int = 0,
+             min_gain: float = 0.0) -> JobPlan:
     """Plan ``job`` for ``schedule`` and predict every schedule's step: fsmoe and fsmoe_no_iio get per-layer
-    degrees and a planned partition; the others their best common degree and default gradient plan.
-    ``tokens``: T per rank (else the training job's); ``layout``: the real model's gradient stream (else
-    :func:`rank_stream` on the meta device). Deterministic (``seed`` for differential evolution)."""
+    degrees and a planned partition — or the plain plan (r = 1 everywhere, the whole GAR after the
+    backward) when that is predicted at most ``min_gain`` (a fraction) slower; the others their best
+    common degree and default gradient plan. ``tokens``: T per rank (else the training job's);
+    ``layout``: the real model's gradient stream (else :func:`rank_stream` on the meta device).
+    Deterministic (``seed`` for differential evolution)."""
     start = time.perf_counter()
     spec = get_schedule(schedule)
     work = layer_work(job, tokens=tokens)
@@ -398,7 +409,13 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
     for name, other in SCHEDULES.items():
         if other.independent_degrees:  # fsmoe, fsmoe_no_iio: per-layer degrees and a planned partition
             model = step_model(other, job, work, costs, stream, pairs=degree_pairs(other, max_degree), tables=tables)
-            predictions[name] = partition(model, seed=seed)
+            planned = partition(model, seed=seed)
+            flat = step_model(other, job, work, costs, stream, pairs=((1, 1),), tables=tables)
+            plain = flat.predict(flat.run(fixed=np.zeros((1, len(stream.slots)))))
+            gain = plain.step_s / planned.step_s - 1.0
+            predictions[name] = planned if gain > min_gain else replace(
+                plain, method=f"plain (r = 1, GAR after the backward): the best plan ({planned.method}) was "
+                              f"predicted {100 * gain:.1f}% faster, within min_gain {100 * min_gain:g}%")
         else:
             predictions[name] = predict_schedule(other, job, work, costs, layout, stream, max_degree=max_degree,
                                                  tables=tables)

@@ -310,7 +310,8 @@ def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str],
 
     costs = load_or_profile(job, ctx.groups, ctx.rank, cache_dir=Path(job.plan.profile_cache).expanduser(),
                             reprofile=job.plan.reprofile, budget_s=job.plan.profile_budget_s, echo=echo)
-    plan = plan_job(job, costs, schedule=job.schedule.name, max_degree=job.plan.max_degree)
+    plan = plan_job(job, costs, schedule=job.schedule.name, max_degree=job.plan.max_degree,
+                    min_gain=job.plan.min_gain)
     planned = job.with_overrides({"schedule.layer_degrees": plan.degrees, "schedule.gar_plan": plan.gar_plan or None})
     config_hash_check(planned)  # every rank planned the same (same costs, deterministic solvers)
     return planned, plan

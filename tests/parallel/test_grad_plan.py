@@ -93,3 +93,23 @@ def test_single_process_planned_sync_fires_in_backward_and_keeps_gradients() -> 
     assert [s for s, _ in sync.history][-1] == TAIL
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, before[n], msg=n)  # world of one: the mean is the gradient
+
+
+def test_after_plans_nothing_inside_the_backward() -> None:
+    """``after`` (what the planner writes when overlapping does not pay) launches the whole stream at the
+    tail; the planner's text for an empty plan reads back as it."""
+    from fsmoe.perf.partition import plan_text
+
+    model = _model()
+    layout = gpt_gradient_stream(model)
+    assert parse_plan("after", layout) == parse_plan(" AFTER ", layout) == GradientPlan()
+    assert plan_text(GradientPlan()) == "after"
+    assert parse_plan(plan_text(parse_plan("dense:3=ready", layout)), layout) == parse_plan("dense:3=ready", layout)
+    sync = PlannedGradSync(layout, parse_plan("after", layout), None)
+    attach_gradient_plan(model, sync)
+    idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(idx, idx)
+    (out.loss + out.aux_loss).backward()
+    assert sync.history == []  # nothing fired during backward
+    sync.finish()
+    assert sync.history == [(TAIL, layout.total_bytes)]

@@ -12,7 +12,7 @@ import torch
 
 from fsmoe.config import JobConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig, get_schedule
 from fsmoe.models.gpt_moe import GPTMoE
-from fsmoe.parallel.grad_plan import TAIL, PlannedGradSync, StreamLayout, parse_plan
+from fsmoe.parallel.grad_plan import TAIL, GradientPlan, PlannedGradSync, StreamLayout, parse_plan
 from fsmoe.parallel.grad_sync import REPLICA_ATTR
 from fsmoe.parallel.parallelize import gpt_gradient_stream
 from fsmoe.perf.costs import Costs, Linear
@@ -333,6 +333,38 @@ def test_job_plan_outputs() -> None:
     assert plan.step_s == plan.prediction("fsmoe").step_s
     with pytest.raises(KeyError, match="no prediction for schedule 'deepspeed'"):
         plan.prediction("deepspeed")
+
+
+def test_a_plan_within_min_gain_of_the_plain_one_gives_way_to_it() -> None:
+    """The plain plan: r = 1 in every layer, nothing all-reduced inside the backward (``after``). A plan
+    predicted faster by less than ``min_gain`` is replaced by it, its prediction played by the step model."""
+    job = small_job()
+    costs = COSTS["compute"]
+    planned = plan_job(job, costs)
+    plain = plan_job(job, costs, min_gain=0.99)
+    assert planned.degrees != plain.degrees or planned.gar_plan != "after"  # the test compares two plans
+    assert plain.degrees == ((1, 1), (1, 1)) and plain.gar_plan == "after" and plain.gradient_plan == GradientPlan()
+    assert plain.partition.startswith("plain") and "min_gain 99%" in plain.partition
+    gain = plain.step_s / planned.step_s - 1
+    assert 0 < gain < 0.99
+    assert plan_job(job, costs, min_gain=gain * 0.99).degrees == planned.degrees  # a gain above it: kept
+    assert plan_job(job, costs, min_gain=gain * 1.01).degrees == ((1, 1), (1, 1))
+    stream = StreamBytes(rank_stream(job), replica_sizes(job.parallel))
+    flat = step_model(get_schedule("fsmoe"), job, layer_work(job), costs, stream, pairs=((1, 1),))
+    assert plain.step_s == pytest.approx(flat.run(fixed=np.zeros((1, len(stream.slots))))["step_s"][0], rel=1e-12)
+
+
+def test_plan_layer_min_gain() -> None:
+    balanced = make_costs(a2a=L(1e-5, 1e-8), ag=L(1e-5, 1e-9), exp=L(1e-5, 2e-10))  # pipelining pays
+    best = plan_layer("fsmoe", WORK, balanced, t_gar=1e-4, t_gar_after=1e-4)
+    assert (best.r_fwd, best.r_bwd) != (1, 1)
+    plain = plan_layer("fsmoe", WORK, balanced, t_gar=1e-4, t_gar_after=1e-4, min_gain=0.99)
+    assert (plain.r_fwd, plain.r_bwd, plain.gar_s, plain.gar_after_s) == (1, 1, 0.0, 1e-4)
+    gain = plain.total_s / best.total_s - 1
+    assert plan_layer("fsmoe", WORK, balanced, t_gar=1e-4, t_gar_after=1e-4, min_gain=gain * 0.99) == best
+    # without the GAR-after option the plain plan keeps the slice inside
+    inside = plan_layer("fsmoe", WORK, balanced, t_gar=1e-4, min_gain=0.99)
+    assert (inside.r_fwd, inside.r_bwd, inside.gar_s, inside.gar_after_s) == (1, 1, 1e-4, 0.0)
 
 
 def test_predict_layer_places_the_gar_as_the_schedule_does() -> None:

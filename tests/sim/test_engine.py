@@ -258,7 +258,8 @@ def test_engine_with_slowed_compute_equals_play_contended(name: str) -> None:
     costs = Costs(ops={**base.ops, "gar": gar}, busy={"a2a": base.op("a2a").scaled(1.5)},
                   beside={"a2a": 1.6, "ag": 1.2, "rs": 1.2, "gar": 2.0})
     per_gemm = Costs(ops={**costs.ops, **{op: Linear(alpha_s=costs.op(op).alpha_s / 2, beta_s=costs.op(op).beta_s)
-                                          for op in ("expert_fwd", "expert_bwd")}}, busy=costs.busy, beside=costs.beside)
+                                          for op in ("expert_fwd", "expert_bwd")}},
+                     busy=costs.busy, beside=costs.beside)
     tables = layer_tables(spec, batch_of(WORK), per_gemm)
     unslowed = layer_tables(spec, batch_of(WORK), Costs(ops=per_gemm.ops, busy=per_gemm.busy))
     assert tables.W == 0.5
