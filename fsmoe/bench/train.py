@@ -253,6 +253,16 @@ class TrainRankResult(RankResult):
     plans: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def _gar_note(sync: GradSync | PlannedGradSync) -> str:
+    """Where the row's gradient all-reduce runs, from the plan it runs."""
+    if not isinstance(sync, PlannedGradSync) or not sync.plan.ranges:
+        return "GAR after the backward"
+    kinds = {slot.split(":")[0] for slot, n in sync.plan.ranges if n > 0}
+    where = " and ".join(w for k, w in (("moe", "inside the MoE backward"), ("dense", "beside the dense backward"))
+                         if k in kinds)
+    return f"GAR {where}, the rest after it"
+
+
 def _build_run(job: JobConfig, row: TrainImpl, ctx: DistContext, data_N: Tensor, threads: int) -> TrainRun | str:
     rjob = row_job(job, row)
     planned: dict[str, Any] | None = None
@@ -270,9 +280,7 @@ def _build_run(job: JobConfig, row: TrainImpl, ctx: DistContext, data_N: Tensor,
         sync: GradSync | PlannedGradSync = GradSync(model, ctx.groups)
     else:
         model, sync = _ours(rjob, ctx)
-        spec = get_schedule(row.spec.family)
-        note = ("GAR inside the MoE backward (planned)" if spec.gar_in_moe
-                else "GAR overlapped with the dense backward" if spec.gar_overlap_dense else "GAR after the backward")
+        note = _gar_note(sync)
     model.train()
     opt, batches = _trainer_parts(model, rjob, data_N, ctx)
     if planned is not None:
