@@ -186,11 +186,14 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     rows = {r["name"]: r for r in data["implementations"]}
     # the auto row: the planner's degrees on the profiled costs, run like the fsmoe rows
     auto = data["auto"]
-    want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), Costs.from_dict(data["costs"]),
-                      t_gar=auto["t_gar_s"], max_degree=job.plan.max_degree)
-    assert (auto["r_fwd"], auto["r_bwd"]) == (want.r_fwd, want.r_bwd)
+    costs = Costs.from_dict(data["costs"])
+    want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=auto["t_gar_s"],
+                      t_gar_after=costs.op("gar")(auto["gar_bytes"]), max_degree=job.plan.max_degree,
+                      min_gain=job.plan.min_gain)
+    assert (auto["r_fwd"], auto["r_bwd"], auto["gar_after"]) == (want.r_fwd, want.r_bwd, want.gar_after_s > 0)
     assert auto["name"] in rows and rows[auto["name"]]["auto"] is True and auto["name"].startswith("fsmoe auto r=")
-    assert rows[auto["name"]]["note"] == "GAR inside the MoE backward"
+    where = "after the backward" if auto["gar_after"] else "inside the MoE backward"
+    assert rows[auto["name"]]["note"] == f"GAR {where}"
     assert data["profile"]["cache_hit"] is False and data["profile"]["budget_s"] == 2.0
     assert Path(data["profile"]["cache_path"]).parent == tmp_path / "cache"
     ours = [r for r in rows.values() if r["family"] != DEEPSPEED]

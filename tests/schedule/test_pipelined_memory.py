@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from fsmoe.config import get_schedule
 from fsmoe.moe import MoEConfig, MoELayer
+from fsmoe.moe.block import ExpertBlock
 from fsmoe.moe.dispatch import Dispatcher
 from fsmoe.moe.experts import build_experts
 from fsmoe.parallel.parallelize import apply_pipeline, remove_pipeline
@@ -73,7 +74,25 @@ FSMOE = get_schedule("fsmoe")
 
 
 def _pipe(r_fwd: int, r_bwd: int) -> Pipeline:
-    return Pipeline(spec=FSMOE, r_fwd=r_fwd, r_bwd=r_bwd, runtime=InlineRuntime.for_schedule(FSMOE))
+    """The pipelined block, a no-op GAR slice attached so that r = 1 runs it too (without a slice it runs
+    as the plain block: :func:`test_degree_one_without_a_slice_is_the_plain_block`)."""
+    return Pipeline(spec=FSMOE, r_fwd=r_fwd, r_bwd=r_bwd, runtime=InlineRuntime.for_schedule(FSMOE), gar=lambda: None)
+
+
+def test_degree_one_without_a_slice_is_the_plain_block() -> None:
+    """r = 1/1 and no GAR slice: nothing to overlap, the plain block's autograd graph (no stash) and its
+    numbers, bit for bit; with a slice, or at r > 1, the pipelined block."""
+    torch.manual_seed(0)
+    experts = build_experts("ffn", E, D, H)
+    x_ECD = torch.randn(E, 8, D, requires_grad=True)
+    plain = Pipeline(spec=FSMOE, r_fwd=1, r_bwd=1, runtime=InlineRuntime.for_schedule(FSMOE))
+    y_ECD = plain(x_ECD, Dispatcher(), experts)
+    assert not hasattr(y_ECD.grad_fn, "stash")
+    ref = ExpertBlock()(x_ECD, Dispatcher(), experts)
+    assert torch.equal(y_ECD, ref)
+    assert hasattr(_pipe(1, 1)(x_ECD, Dispatcher(), experts).grad_fn, "stash")
+    assert hasattr(Pipeline(spec=FSMOE, r_fwd=1, r_bwd=2, runtime=InlineRuntime.for_schedule(FSMOE))(
+        x_ECD, Dispatcher(), experts).grad_fn, "stash")
 
 
 @pytest.mark.parametrize(("r_fwd", "r_bwd"), DEGREES)
