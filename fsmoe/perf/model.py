@@ -48,13 +48,17 @@ the rate model here instead (t = t_idle + (1 − 1/κ)·overlap) gave a larger m
 signed −7% vs 0%): on the emulated 2-core cluster a collective often grows by more than the compute
 beside it ran (κ at its cap), which only the interpolation can express.
 
-Compute slows beside communication too (:attr:`fsmoe.perf.costs.Costs.beside`: σ per collective, 1.2–1.9×
+Compute slows beside communication too (:attr:`fsmoe.perf.costs.Costs.beside`: σ per collective, 1.0–2.1×
 on the emulated 2-core cluster, where a collective's copying and TCP work takes the GEMMs' cores). With
 σ > 1 the plays also update each compute task, by the rate model: it runs at 1/σ of its speed while a
 collective runs beside it (weights 1 − 1/σ add over lanes), solved against the last play's communication
-spans with the same linear extension at its end (:func:`slowed_duration`). Without it, overlapping a
-collective with compute looked free on such ranks, and the planner picked pipelines and in-backward
-Gradient-AllReduce slices that measured 5–13% slower than running them apart.
+spans with the same linear extension at its end (:func:`slowed_duration`). The models apply the
+Gradient-AllReduce's σ only (:data:`SLOWING`): replaying two planner-accuracy runs (28 configurations),
+slowing the experts beside the block's own chunked collectives as well raised the median error from
+6.1–7.9% to 8.8–9.2% — their busy lines, fitted from the same samples, already carry the pipeline's
+mutual slowdown — while the GAR's σ left it at 6.6–8.0%; and without it, overlapping the GAR with the
+dense backward looked free on such ranks: the planner's partitions measured 5–17% slower than running
+the GAR after the backward in ``fsmoe bench train``.
 
 A Gradient-AllReduce slice inside the block (``gar``) takes the time the caller gives (``t_gar``); with
 ``t_gar_idle`` as well it is contended like the other collectives (``t_gar`` then is its busy time).
@@ -633,12 +637,21 @@ def play_pass(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int, *, back
                           free_at_s=free_at_s)
 
 
+SLOWING = ("gar",)  # the collectives whose σ the models apply (module doc)
+
+
+def model_slows(costs: Costs) -> dict[str, float]:
+    """σ of the collectives in :data:`SLOWING` that slow compute (σ > 1)."""
+    return {op: costs.slows(op) for op in SLOWING if costs.slows(op) > 1.0}
+
+
 def pass_slows(costs: Costs) -> Callable[[Task], float] | None:
-    """σ of each communication task of a pass (:meth:`Costs.slows` of its collective), or None when no
-    collective slows compute (then compute tasks keep their lines and the plays are as before)."""
-    if not any(s > 1.0 for s in costs.beside.values()):
+    """σ of each communication task of a pass (:func:`model_slows`; 1 for the others), or None when none
+    slows compute (then compute tasks keep their lines and the plays are as before)."""
+    slows = model_slows(costs)
+    if not slows:
         return None
-    return lambda t: costs.slows("gar" if t.kind == "gar" else KIND_OP[t.kind][0])
+    return lambda t: slows.get("gar" if t.kind == "gar" else KIND_OP[t.kind][0], 1.0)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -752,8 +765,8 @@ def layer_table(spec: ScheduleSpec, work: LayerWork, costs: Costs,
 __all__ = [
     "BlockWork", "CASE_CLAUSES", "CASE_WORDS", "CONTENTION_PLAYS", "CONTENTION_TOL", "ChunkTimes", "CommCover",
     "FP32_BYTES", "GarResponse", "LayerTable", "LayerWork", "MAX_SLOW_WEIGHT", "ONE_CHANNEL_WORDS", "PassModel",
-    "Predicates", "TaskSpan", "Timeline", "block_work", "case_of", "case_time", "closed_form", "contended_duration",
-    "degree_pairs", "degrees_up_to", "gar_response", "layer_table", "layer_work", "overlap_fractions", "padded_for",
-    "pass_durations", "pass_slows", "pass_tasks", "play", "play_contended", "play_pass", "predicate_margins",
-    "predicates", "slowed_duration", "tokens_per_rank", "uses_busy_line", "window",
+    "Predicates", "SLOWING", "TaskSpan", "Timeline", "block_work", "case_of", "case_time", "closed_form",
+    "contended_duration", "degree_pairs", "degrees_up_to", "gar_response", "layer_table", "layer_work", "model_slows",
+    "overlap_fractions", "padded_for", "pass_durations", "pass_slows", "pass_tasks", "play", "play_contended",
+    "play_pass", "predicate_margins", "predicates", "slowed_duration", "tokens_per_rank", "uses_busy_line", "window",
 ]

@@ -28,7 +28,7 @@ import numpy as np
 
 from fsmoe.config import ScheduleSpec, get_schedule
 from fsmoe.perf.costs import Costs
-from fsmoe.perf.model import pass_tasks
+from fsmoe.perf.model import model_slows, pass_tasks
 from fsmoe.schedule.schedules import lanes_for
 from fsmoe.sim.engine import (
     DenseTimes,
@@ -105,7 +105,7 @@ def gar_in_block(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, r_fwd: int
     idle_gar = gar_time(costs.op("gar"), batch.grad_bytes)
     durations = contended_durations(tasks, lanes_for(spec), chunk_durations(batch, costs, r_bwd, pad), idle_gar, busy,
                                     gar_busy_s=gar_time(costs.op("gar", busy=True), batch.grad_bytes) if busy else None,
-                                    slows=costs.beside or None)
+                                    slows=model_slows(costs) or None)
     return makespan(play_spans(tasks, lanes_for(spec), durations))
 
 

@@ -41,7 +41,15 @@ import numpy as np
 
 from fsmoe.config import ScheduleSpec
 from fsmoe.perf.costs import Costs, Linear
-from fsmoe.perf.model import CONTENTION_PLAYS, CONTENTION_TOL, KIND_OP, MAX_SLOW_WEIGHT, degree_pairs, pass_tasks
+from fsmoe.perf.model import (
+    CONTENTION_PLAYS,
+    CONTENTION_TOL,
+    KIND_OP,
+    MAX_SLOW_WEIGHT,
+    degree_pairs,
+    model_slows,
+    pass_tasks,
+)
 from fsmoe.schedule.ir import Task
 from fsmoe.schedule.schedules import lanes_for
 from fsmoe.sim.presets import FP32_BYTES, Layout
@@ -273,8 +281,8 @@ def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: 
     pairs = tuple(degree_pairs(spec, MAX_DEGREE) if pairs is None else pairs)
     cache = {} if cache is None else cache
     lanes = lanes_for(spec)
-    slows = costs.beside or None
-    sigma = costs.slows("gar")
+    slows = model_slows(costs) or None
+    sigma = slows.get("gar", 1.0) if slows else 1.0
     F, A, B, LEAD, COVER = [], [], [], [], []
     busy: dict[str, list[Array]] = {"a2a": [], "ag": [], "rs": [], "expert": []}
     none = np.zeros(len(batch))
