@@ -7,7 +7,10 @@ function ``fn(rank, world_size, job) -> RankResult`` and a list of :class:`Timed
 1. opens the cluster the job asks for (:func:`open_bench_cluster`: ``cluster.launcher`` emulated,
    local, or auto) and runs the rank function on every rank (:func:`run_on_ranks`);
 2. times the items in ``bench.warmup`` untimed then ``bench.reps`` timed rounds (:func:`timed_rounds`),
-   each round running every item once in an order rotated by one per round. Each run: world barrier,
+   each round running every item once in its own shuffled order (:func:`round_order`; a rotation by one
+   per round kept each row among the same neighbours and near the same place in every round, and rows
+   doing the same work then measured up to 27% apart), with Python's garbage collector run before the
+   round and paused during it. Each run: world barrier,
    run, wall time; after the round one all-reduce (MAX) gives every run's slowest rank, since a
    collective step ends when its slowest rank does, so every rank holds the same samples. Rank 0 also
    records the machine's busy CPU-seconds per run (:func:`machine_busy_s`), and a SUM all-reduce gives
@@ -26,6 +29,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -159,10 +163,10 @@ class Timed(Protocol):
 T = TypeVar("T")
 
 
-def rotate(items: Sequence[T], k: int) -> list[T]:
-    """``items`` starting at position ``k`` (mod its length): round k runs them in this order."""
-    k %= len(items)
-    return [*items[k:], *items[:k]]
+def round_order(items: Sequence[T], k: int) -> list[T]:
+    """The order round ``k`` runs ``items`` in: a shuffle seeded by k (the same on every rank), so that over
+    the rounds each item runs at different places and after different neighbours."""
+    return random.Random(k).sample(list(items), len(items))
 
 
 def machine_busy_s() -> float | None:
@@ -192,9 +196,9 @@ class RoundTimes:
 
 
 def timed_rounds(items: Sequence[Timed], warmup: int, reps: int, rank: int) -> RoundTimes:
-    """``warmup`` untimed then ``reps`` timed rounds, each running every item once in a rotated order
-    (see the module doc). A barrier after every run brackets its CPU accounting; the timed part ends
-    before it."""
+    """``warmup`` untimed then ``reps`` timed rounds, each running every item once in a shuffled order
+    with the garbage collector paused (see the module doc). A barrier after every run brackets its CPU
+    accounting; the timed part ends before it."""
     names = [i.name for i in items]
     samples: dict[str, list[float]] = {n: [] for n in names}
     busy: dict[str, list[float]] = {n: [] for n in names}
@@ -204,17 +208,23 @@ def timed_rounds(items: Sequence[Timed], warmup: int, reps: int, rank: int) -> R
         dt = torch.zeros(len(items), dtype=torch.float64)
         cpu = torch.zeros(len(items), dtype=torch.float64)
         machine = [0.0] * len(items)
-        for item in rotate(items, round_):
-            i = names.index(item.name)
-            item.prepare()
-            dist.barrier()
-            c0, p0 = machine_busy_s() if rank == 0 else None, time.process_time()
-            t0 = time.perf_counter()
-            item.run()
-            dt[i] = time.perf_counter() - t0
-            dist.barrier()
-            c1, cpu[i] = machine_busy_s() if rank == 0 else None, time.process_time() - p0
-            machine[i] = (c1 - c0) if c0 is not None and c1 is not None else math.nan
+        enabled = gc.isenabled()
+        gc.disable()  # a collection inside one item's run would land on it alone
+        try:
+            for item in round_order(items, round_):
+                i = names.index(item.name)
+                item.prepare()
+                dist.barrier()
+                c0, p0 = machine_busy_s() if rank == 0 else None, time.process_time()
+                t0 = time.perf_counter()
+                item.run()
+                dt[i] = time.perf_counter() - t0
+                dist.barrier()
+                c1, cpu[i] = machine_busy_s() if rank == 0 else None, time.process_time() - p0
+                machine[i] = (c1 - c0) if c0 is not None and c1 is not None else math.nan
+        finally:
+            if enabled:
+                gc.enable()
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         dist.all_reduce(cpu)
         if round_ >= warmup:

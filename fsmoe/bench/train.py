@@ -20,7 +20,7 @@ our schedules on that layout is its like-for-like partner. Each row trains under
 
 :func:`run_train_bench` runs :func:`train_bench_rank` on every rank (:mod:`fsmoe.bench.harness`):
 ``bench.warmup`` untimed then ``bench.reps`` timed rounds, each round one optimizer step of every row
-in a rotated order, each after a barrier, slowest rank per step; then every step's LM loss averaged
+in a shuffled order, each after a barrier, slowest rank per step; then every step's LM loss averaged
 over the ranks. :func:`summarize_train` (pure):
 
 * ``median_s``: the median over the timed steps of the slowest rank's optimizer-step time (forward,

@@ -24,7 +24,7 @@ from fsmoe.bench import (
     run_layer_bench,
     summarize,
 )
-from fsmoe.bench.harness import RoundTimes
+from fsmoe.bench.harness import RoundTimes, round_order
 from fsmoe.bench.layer_workload import LayerRankResult, ProbeInfo
 from fsmoe.bench.memory import PeakMemory
 from fsmoe.cli import build_parser, job_from_args
@@ -142,6 +142,19 @@ def _fake_results(job: JobConfig) -> list[LayerRankResult]:
         out.append(LayerRankResult(rank=rank, names=[s.name for s in specs], specs=specs, times=times, capacity=154,
                                    probes=probes, skipped={DEEPSPEED: "not installed"}, memory=memory))
     return out
+
+
+def test_rounds_run_the_rows_in_shuffled_orders() -> None:
+    """Every round runs every row once, in an order that depends only on the round (the same on every
+    rank), so that a row neither keeps its neighbours nor its place: over 5 rounds of 18 rows each row
+    sees several places and several predecessors (a rotation by one gave each the same predecessor)."""
+    rows = [f"row{i}" for i in range(18)]
+    orders = [round_order(rows, k) for k in range(5)]
+    assert all(sorted(o) == sorted(rows) for o in orders)
+    assert orders == [round_order(rows, k) for k in range(5)] and orders[0] != orders[1]
+    for row in rows:
+        assert len({o.index(row) for o in orders}) >= 3
+        assert len({o[o.index(row) - 1] for o in orders if o.index(row) > 0}) >= 2
 
 
 def test_summary_ratios_come_from_the_medians() -> None:
