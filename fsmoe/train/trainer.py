@@ -295,7 +295,8 @@ def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str],
         JobConfig, JobPlan | None]:
     """FSMoE's adaptive core for a planned schedule (``schedule.planned``: fsmoe or fsmoe_no_iio given no
     degree): this job's costs — from the profile cache or profiled now on the job's own groups — then
-    the plan (per-layer r_fwd, r_bwd and the gradient plan, :func:`fsmoe.perf.planner.plan_job`). Returns
+    the plan (per-layer r_fwd, r_bwd and the gradient plan, :func:`fsmoe.perf.planner.plan_job`; a given
+    ``schedule.gar_plan`` is kept). Returns
     the job with the plan's decisions in ``schedule.layer_degrees`` / ``gar_plan`` (so its job.toml
     replays them without planning) and the plan. Collective when ``ctx`` is set: every rank gets the
     same costs (rank 0's) and so the same plan, which a hash exchange confirms. One process has nothing
@@ -312,7 +313,10 @@ def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str],
                             reprofile=job.plan.reprofile, budget_s=job.plan.profile_budget_s, echo=echo)
     plan = plan_job(job, costs, schedule=job.schedule.name, max_degree=job.plan.max_degree,
                     min_gain=job.plan.min_gain)
-    planned = job.with_overrides({"schedule.layer_degrees": plan.degrees, "schedule.gar_plan": plan.gar_plan or None})
+    if job.schedule.gar_plan:  # given: the degrees are planned, the gradient plan is the user's
+        echo(f"plan: keeping the given --gar-plan {job.schedule.gar_plan!r} (the planner's: {plan.gar_plan!r})")
+    planned = job.with_overrides({"schedule.layer_degrees": plan.degrees,
+                                  "schedule.gar_plan": job.schedule.gar_plan or plan.gar_plan})
     config_hash_check(planned)  # every rank planned the same (same costs, deterministic solvers)
     return planned, plan
 

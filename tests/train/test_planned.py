@@ -26,7 +26,7 @@ def test_planned_training_writes_its_plan_and_replays_it(tmp_path: Path, capfd: 
     assert not job.schedule.planned and job.schedule.name == "fsmoe"
     assert job.schedule.layer_degrees == tuple((layer["r_fwd"], layer["r_bwd"]) for layer in plan["layers"])
     assert len(plan["layers"]) == job.model.num_moe_layers
-    assert job.schedule.gar_plan == (plan["gar_plan"] or None)
+    assert job.schedule.gar_plan == plan["gar_plan"]
     assert len(list(cache.glob("*.json"))) == 1  # profiled once, cached
     printed = capfd.readouterr().out  # the ranks' output (rank 0 prints)
     assert "plan for fsmoe" in printed and "bottleneck" in printed and "done: 2 steps" in printed
@@ -37,6 +37,14 @@ def test_planned_training_writes_its_plan_and_replays_it(tmp_path: Path, capfd: 
     assert not (again / "plan.json").exists()
     assert load_toml(again / "job.toml").schedule == job.schedule
     assert "plan for fsmoe" not in capfd.readouterr().out
+
+    # a given gradient plan is kept; the degrees are still planned (from the cached profile)
+    given = tmp_path / "given"
+    assert main(["train", *SMALL, "--schedule", "fsmoe", "--steps", "1", "--profile-cache", str(cache),
+                 "--gar-plan", "dense:1=ready", "--out", str(given)]) == 0
+    kept = load_toml(given / "job.toml").schedule
+    assert kept.gar_plan == "dense:1=ready" and kept.layer_degrees == job.schedule.layer_degrees
+    assert "keeping the given --gar-plan 'dense:1=ready'" in capfd.readouterr().out
 
 
 def test_plan_command_reads_the_cached_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
