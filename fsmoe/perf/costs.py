@@ -5,10 +5,11 @@ n — bytes for a collective, multiply-accumulates for a GEMM — and a chunk of
 α + β·n/r. :class:`Linear` is one such line, :class:`Costs` the set for one job on one cluster.
 
 Collectives are measured twice (see :mod:`fsmoe.perf.profile`): idle, and while expert compute runs on
-the same cores (``*_busy``). On a GPU the two are nearly equal; on CPU ranks that share cores, a chunked
+the same cores (``*_busy``). On CPU ranks that share cores, a chunked
 AlltoAll that overlaps compute is 1.4–2.5× slower than idle, and the models use what the task will meet.
-The same measurement times the compute beside the collective: on shared cores it slows too (1.2–1.9×
-here), a factor per collective (``Costs.beside``) that the models apply to compute while it overlaps one.
+The same measurement times the compute beside the collective: on shared cores it slows too (1.0–2.3×
+here), a factor per collective (``Costs.beside``); the models apply the Gradient-AllReduce's to compute
+while it overlaps one (:data:`fsmoe.perf.model.SLOWING`).
 
 Pure: no torch, no processes. Units: seconds; n in bytes (collectives) or MACs (GEMMs).
 """

@@ -48,7 +48,7 @@ the rate model here instead (t = t_idle + (1 − 1/κ)·overlap) gave a larger m
 signed −7% vs 0%): on the emulated 2-core cluster a collective often grows by more than the compute
 beside it ran (κ at its cap), which only the interpolation can express.
 
-Compute slows beside communication too (:attr:`fsmoe.perf.costs.Costs.beside`: σ per collective, 1.0–2.1×
+Compute slows beside communication too (:attr:`fsmoe.perf.costs.Costs.beside`: σ per collective, 1.0–2.3×
 on the emulated 2-core cluster, where a collective's copying and TCP work takes the GEMMs' cores). With
 σ > 1 the plays also update each compute task, by the rate model: it runs at 1/σ of its speed while a
 collective runs beside it (weights 1 − 1/σ add over lanes), solved against the last play's communication

@@ -39,8 +39,8 @@ is that of a partly overlapped collective: with the idle line and the compute's 
 On this machine an overlapped AlltoAll is 1.4–2.5× its idle time: softirq and TCP work compete with the
 GEMMs for the same cores. The GEMMs beside it slow too: with their own time per sample and the
 ``expert_fwd`` line, :func:`fsmoe.perf.fit.compute_slowdown` gives ``Costs.beside`` — σ per collective,
-how much longer compute runs while that collective runs beside it (1.2–1.9× here; about 1 on a GPU,
-where the collective runs on its own engines).
+how much longer compute runs while that collective runs beside it (1.0–2.3× on the 14 planner-accuracy
+profiles of this machine; not measured on a GPU).
 
 Bounded: ``budget_s`` (default 30 s) is split evenly over the measurements still to run, and each one
 fits itself into its share (fewer repetitions, then fewer sizes, then smaller sizes, noted in
