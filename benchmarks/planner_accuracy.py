@@ -7,7 +7,7 @@ the model's median |error| over the rows, the planner's degrees against the best
 auto against sequential and the planner's solve time; the summary says where the error comes from (each
 operation alone against its profiled line). What each column means: :mod:`fsmoe.bench.planner`.
 
-    python benchmarks/planner_accuracy.py                # 14 configurations, about 10 min on 2 cores (root)
+    python benchmarks/planner_accuracy.py                # 14 configurations, 10 rounds, about 20 min on 2 cores (root)
     python benchmarks/planner_accuracy.py --quick        # 3 tiny configurations, about 30 s
     python benchmarks/planner_accuracy.py --launcher local --quick   # no namespaces: loopback, unshaped
     python benchmarks/planner_accuracy.py --show bench_results/planner_accuracy/planner_accuracy.json
