@@ -400,7 +400,8 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
              max_degree: int = MAX_DEGREE, layout: StreamLayout | None = None, seed: int = 0,
              min_gain: float = 0.0) -> JobPlan:
     """Plan ``job`` for ``schedule`` and predict every schedule's step: fsmoe and fsmoe_no_iio get per-layer
-    degrees and a planned partition — or the plain plan (r = 1 everywhere, the whole GAR after the
+    degrees and a planned partition (or the schedule's default — one degree, the trainer's greedy
+    gradient plan — when that is predicted faster) — or the plain plan (r = 1 everywhere, the whole GAR after the
     backward) when that is predicted at most ``min_gain`` (a fraction) slower; the others their best
     common degree and default gradient plan. ``tokens``: T per rank (else the training job's);
     ``layout``: the real model's gradient stream (else :func:`rank_stream` on the meta device).
@@ -416,6 +417,11 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
         if other.independent_degrees:  # fsmoe, fsmoe_no_iio: per-layer degrees and a planned partition
             model = step_model(other, job, work, costs, stream, pairs=degree_pairs(other, max_degree), tables=tables)
             planned = partition(model, seed=seed)
+            default = predict_schedule(other, job, work, costs, layout, stream, max_degree=max_degree, tables=tables)
+            if default.step_s < planned.step_s:  # the trainer's greedy plan at one degree is a candidate too
+                gain = planned.step_s / default.step_s - 1.0
+                planned = replace(default, method=f"default (greedy at r = {default.pairs[0][0]}/{default.pairs[0][1]}"
+                                                  f", {100 * gain:.1f}% faster than {planned.method})")
             flat = step_model(other, job, work, costs, stream, pairs=((1, 1),), tables=tables)
             plain = flat.predict(flat.run(fixed=np.zeros((1, len(stream.slots)))))
             gain = plain.step_s / planned.step_s - 1.0

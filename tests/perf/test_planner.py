@@ -263,6 +263,50 @@ def test_step_walk_with_compute_slowed_beside_the_gar() -> None:
     assert capped.run(fixed=np.array([[64, 0, 0, 0]]))["bwd"][0, 0] == pytest.approx(6.5)
 
 
+def test_step_walk_dense_range_past_its_compute_runs_at_idle_speed() -> None:
+    """The walk above with the GAR measured 3× slower beside compute (busy line 3 ms per byte): 3680 B
+    launched at dense:0 at 7 s have block 0's attention (1 s) beside them, then nothing — the link is
+    the last user. Rate model: 1/3 of idle speed for 1 s (333.3 B), the other 3346.7 B at 1 ms per byte:
+    4.3467 s, not the 11.04 s of the busy line throughout; the tail (9728 B) follows on the idle line.
+    A range that fits inside its compute window costs its busy time: 300 B at dense:0 take 0.9 s."""
+    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
+                                                                                         d_hidden=8))
+    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
+    zero = L(0.0, 0.0)
+    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 1e-3), "expert_fwd": zero, "expert_bwd": zero,
+           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
+    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
+    table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(GarResponse(a_s=5.0, b_s=1.0),))
+    model = StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
+                      costs=Costs(ops=ops, busy={"gar": L(0.0, 3e-3)}), stream=stream)
+    late = model.run(fixed=np.array([[0, 0, 3680, 0]]))
+    assert late["bwd_s"][0] == pytest.approx(7 + (1 + 3.68 - 1 / 3) + 9.728)
+    inside = model.run(fixed=np.array([[0, 0, 300, 0]]))  # link busy 7 → 7.9 beside the attention (7 → 8)
+    assert inside["bwd_s"][0] == pytest.approx(8 + (13.408 - 0.3))
+
+
+def test_plan_job_takes_the_default_plan_when_it_is_predicted_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's default (greedy at the best common degree) is a candidate beside the partition: with
+    a partition that launches nothing inside the backward, the default plan wins and is what the job runs
+    (a GAR with no start-up cost: launching every range as soon as it is ready hides it best)."""
+    import fsmoe.perf.planner as planner
+
+    job = small_job()
+    costs = dataclasses.replace(COSTS["compute"], ops={**COSTS["compute"].ops, "gar": L(0.0, 2e-8)})
+    stream = StreamBytes(rank_stream(job), replica_sizes(job.parallel))
+    default = planner.predict_schedule(get_schedule("fsmoe"), job, layer_work(job), costs, rank_stream(job), stream)
+    assert plan_job(job, costs).step_s < default.step_s  # the real partition beats the default here
+
+    def nothing_inside(model: StepModel, *, seed: int = 0) -> object:
+        return model.predict(model.run(fixed=np.zeros((1, len(model.stream.slots)))), method="none")
+
+    monkeypatch.setattr(planner, "partition", nothing_inside)
+    plan = plan_job(job, costs)
+    assert plan.partition.startswith("default (greedy at r = ")
+    assert plan.step_s == pytest.approx(default.step_s, rel=1e-12) and plan.degrees == default.pairs
+    assert plan.gradient_plan == default.gradient_plan() and plan.gar_plan != "after"
+
+
 def test_plan_layer_moves_the_gar_after_when_that_is_faster() -> None:
     """With t_gar_after the plan compares the best pair with the slice inside against the best without
     it plus the GAR after the backward. Compute bound at r = 1 (window ≈ 5.4 ms): a 2 ms slice (1 ms
