@@ -12,13 +12,7 @@ operation, built by a builder that takes the size fractions and a scale); this m
   a rotated order, each sample starts after a world barrier, each round is MAX all-reduced (a collective
   ends when its last rank does), the line is fitted to the median per size, and a fit with R² below
   ``TARGET_R2`` gets extra rounds while its share lasts. Every branch is taken on all-reduced numbers,
-  so all ranks enter the same collectives. The fit weighs each size by 1/t² (relative residuals): the
-  models use every chunk size from n/8 to n, and the timings' noise grows with the time, so plain least
-  squares let the largest sizes' noise set α — one expert backward line came out with α = 6.7 ms
-  (R² 0.87), charging r = 8 eight of them (54 ms) per pass. Replaying the planner-accuracy profiles of
-  two runs (28 configurations) with the relative fit: median |error| 8.5% → 8.4% and 9.6% → 9.3%; the
-  planner's degrees within 5% of the best measured row in 9 and 8 of 14 configurations, against 6 and 6
-  of 12 (the two others chose degrees without a measured row).
+  so all ranks enter the same collectives.
 * :class:`ComputeBeside` runs a point's ``busy`` compute (expert GEMMs) on a thread, once per sample,
   started with the collective, and times it: the busy variant of a collective's line. The compute may
   end before the collective does (a chunk's GEMMs beside a longer AlltoAll, a layer's beside the
@@ -67,34 +61,28 @@ def r_squared(n: Sequence[float], t: Sequence[float], alpha_s: float, beta_s: fl
     return 1.0 - ss_res / ss_tot
 
 
-def fit_linear(n: Sequence[float], t: Sequence[float], *, relative: bool = False) -> Linear:
+def fit_linear(n: Sequence[float], t: Sequence[float]) -> Linear:
     """The least-squares line t ≈ α + β·n over the points (n_i, t_i), with α, β ≥ 0 (see the module doc).
 
-    β = Σw(n − n̄)(t − t̄) / Σw(n − n̄)², α = t̄ − β·n̄ (means weighted by w). Plain least squares: w = 1.
-    ``relative``: w = 1/t², i.e. the relative residuals (t − α − β·n)/t are minimised — the fit for timings
-    whose noise grows with the time (every size counts alike, not mostly the largest); R² stays that of
-    the absolute residuals. One distinct n gives β = 0, α = t̄. ``ValueError`` for no points, unequal
-    lengths or a non-finite value."""
+    β = Σ(n − n̄)(t − t̄) / Σ(n − n̄)², α = t̄ − β·n̄. One distinct n gives β = 0, α = t̄.
+    ``ValueError`` for no points, unequal lengths or a non-finite value."""
     if len(n) != len(t):
         raise ValueError(f"fit_linear: {len(n)} sizes but {len(t)} times")
     if not n:
         raise ValueError("fit_linear: no points to fit")
     if not all(math.isfinite(v) for v in (*n, *t)):
         raise ValueError(f"fit_linear: non-finite value in sizes {list(n)} or times {list(t)}")
-    w = [1.0 / (y * y) for y in t] if relative and all(y > 0 for y in t) else [1.0] * len(t)
-    sw = math.fsum(w)
-    n_mean = math.fsum(wi * x for wi, x in zip(w, n, strict=True)) / sw
-    t_mean = math.fsum(wi * y for wi, y in zip(w, t, strict=True)) / sw
-    s_nn = math.fsum(wi * (x - n_mean) ** 2 for wi, x in zip(w, n, strict=True))
-    s_nt = math.fsum(wi * (x - n_mean) * (y - t_mean) for wi, x, y in zip(w, n, t, strict=True))
+    k = len(n)
+    n_mean, t_mean = math.fsum(n) / k, math.fsum(t) / k
+    s_nn = math.fsum((x - n_mean) ** 2 for x in n)
+    s_nt = math.fsum((x - n_mean) * (y - t_mean) for x, y in zip(n, t, strict=True))
     beta = s_nt / s_nn if s_nn > 0 else 0.0
     alpha = t_mean - beta * n_mean
     if beta < 0:  # time does not grow with the workload here: the best constant
         alpha, beta = t_mean, 0.0
-    elif alpha < 0:  # the best line through the origin: β = Σ w·n·t / Σ w·n²
-        s_xx = math.fsum(wi * x * x for wi, x in zip(w, n, strict=True))
-        alpha, beta = 0.0, (math.fsum(wi * x * y for wi, x, y in zip(w, n, t, strict=True)) / s_xx
-                            if s_xx > 0 else 0.0)
+    elif alpha < 0:  # the best line through the origin: β = Σ n·t / Σ n²
+        s_xx = math.fsum(x * x for x in n)
+        alpha, beta = 0.0, (math.fsum(x * y for x, y in zip(n, t, strict=True)) / s_xx if s_xx > 0 else 0.0)
     alpha, beta = max(alpha, 0.0), max(beta, 0.0)
     return Linear(alpha_s=alpha, beta_s=beta, r2=r_squared(n, t, alpha, beta))
 
@@ -298,7 +286,7 @@ def measure(build: Callable[[Sequence[float], float], list[Point]], share_s: flo
     line = ZERO
 
     def fit() -> Linear:
-        return fit_linear([p.n for p in points], [statistics.median(s) for s in samples], relative=True)
+        return fit_linear([p.n for p in points], [statistics.median(s) for s in samples])
 
     def next_round_fits(limit_s: float) -> bool:  # the rounds so far, one more, within limit_s
         return elapsed * (rounds + 1) / rounds <= limit_s

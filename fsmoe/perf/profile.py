@@ -108,7 +108,7 @@ __all__ = [
 ]
 
 BUDGET_S = 30.0
-PROFILE_FORMAT = 4  # bump when what is measured or how it is fitted changes: older cache entries stop matching
+PROFILE_FORMAT = 3  # bump when what is measured or how it is fitted changes: older cache entries stop matching
 GAR_CHANNEL = 1  # the second set of communicators (build_groups(channels=2)); channel 0 carries the MoE block
 BYTES = 4  # float32
 
