@@ -99,7 +99,8 @@ def plan_auto(job: JobConfig, costs: Costs) -> AutoPlan:
     work = bench_work(job)
     t0 = time.perf_counter()
     n = gar_bytes(job)
-    plan = plan_layer(AUTO_SCHEDULE, work, costs, t_gar=t_gar, t_gar_after=costs.op("gar")(n) if n > 0 else None,
+    t_idle = costs.op("gar")(n) if n > 0 else None
+    plan = plan_layer(AUTO_SCHEDULE, work, costs, t_gar=t_gar, t_gar_after=t_idle, t_gar_idle=t_idle,
                       max_degree=job.plan.max_degree, min_gain=job.plan.min_gain)
     solve_s = time.perf_counter() - t0
     impl = ImplSpec(AUTO_SCHEDULE, plan.r_fwd, plan.r_bwd, auto=True, gar_after=plan.gar_after_s > 0)

@@ -187,6 +187,7 @@ class StepModel:
         self.W = [np.array([g.slow for g in t.bwd]) for t in tables]
         self.lead = [np.array([g.lead_s for g in t.bwd]) for t in tables]
         self.cover = [np.array([g.cover_s for g in t.bwd]) for t in tables]
+        self.overlap = [np.array([g.overlap_s for g in t.bwd]) for t in tables]
         self.pairs = [t.pairs for t in tables]
         self.window0 = [t.bwd[t.best(0.0)].window_s for t in tables]
         dense_f, dense_b = costs.op("dense_fwd"), costs.op("dense_bwd")
@@ -276,18 +277,23 @@ class StepModel:
             if kind == "moe":
                 f = self.moe_of_slot[slot]
                 m = self.table_of[slot]
-                gar = np.zeros(P)
+                F, A, B = self.F[m], self.A[m], self.B[m]
+                W, lead, cov = self.W[m], self.lead[m], self.cover[m]  # GarResponse's slowed compute
+                gar = np.zeros((P, len(F)))
                 if self.in_moe:
                     budget = None if fixed is not None else self.window0[m] + (tau[:, f] if tau is not None else 0.0)
                     amounts[:, s] = self._take(s, pos, budget, fixed)
-                    gar = self._cost(pos, amounts[:, s], self.busy, self.chunk)
+                    busy = self._cost(pos, amounts[:, s], self.busy, self.chunk)
+                    idle = self._cost(pos, amounts[:, s], self.idle, self.chunk)
+                    # the slice's duration at each pair: the rate model beside that pair's compute
+                    gar = slice_durations(idle[:, None], busy[:, None], lead[None, :], self.overlap[m][None, :])
                     pos = pos + amounts[:, s]
-                F, A, B = self.F[m], self.A[m], self.B[m]
-                W, lead, cov = self.W[m], self.lead[m], self.cover[m]  # GarResponse's slowed compute
-                slowed = W[None, :] * np.minimum(np.maximum(gar[:, None] - lead[None, :], 0.0), cov[None, :])
-                total = F[None, :] + np.maximum(A[None, :] + slowed, B[None, :] + gar[:, None])
+                slowed = W[None, :] * np.minimum(np.maximum(gar - lead[None, :], 0.0), cov[None, :])
+                total = F[None, :] + np.maximum(A[None, :] + slowed, B[None, :] + gar)
                 k = np.argmin(total, axis=1)  # first on ties: the smallest pair
-                block = np.maximum(A[k] + slowed[np.arange(len(k)), k], B[k] + gar)
+                rows = np.arange(len(k))
+                block = np.maximum(A[k] + slowed[rows, k], B[k] + gar[rows, k])
+                gar = gar[rows, k]
                 t = t + np.maximum(link - t, 0.0) + block  # its first AlltoAll waits for the link
                 link = t.copy()
                 t = t + self.gate_bwd[m]
@@ -328,6 +334,17 @@ class StepModel:
         for slot, n in plan.ranges:
             row[0, index[slot]] += n
         return row
+
+
+def slice_durations(t_idle: np.ndarray, t_busy: np.ndarray, lead: np.ndarray, overlap: np.ndarray) -> np.ndarray:
+    """:meth:`fsmoe.perf.model.GarResponse.slice_s` on arrays (broadcast): a slice of ``t_idle`` alone
+    (``t_busy`` beside compute all along, κ = t_busy/t_idle) runs ``lead`` at full speed, then at 1/κ beside
+    ``overlap`` seconds of compute, then at full speed."""
+    positive = t_idle > 0
+    kappa = np.where(positive, np.maximum(t_busy, t_idle) / np.where(positive, t_idle, 1.0), 1.0)
+    rest = np.maximum(t_idle - lead, 0.0)
+    beside = np.minimum(rest * kappa, overlap)
+    return np.where(t_idle > lead, lead + beside + rest - beside / kappa, t_idle)
 
 
 # --- partitioning ----------------------------------------------------------------------------------------------

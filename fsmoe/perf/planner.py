@@ -224,8 +224,8 @@ def describe_layer(spec: ScheduleSpec, work: LayerWork, costs: Costs, *, block: 
 
 
 def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar: float = 0.0,
-               t_gar_after: float | None = None, max_degree: int = MAX_DEGREE, block: int = 0,
-               min_gain: float = 0.0) -> LayerPlan:
+               t_gar_after: float | None = None, t_gar_idle: float | None = None, max_degree: int = MAX_DEGREE,
+               block: int = 0, min_gain: float = 0.0) -> LayerPlan:
     """The degrees of one layer: Algorithm 1's rounded answers and every feasible pair, each played by
     the evaluator (forward + backward with ``t_gar`` inside it, C padded to lcm(r_fwd, r_bwd)); the
     fastest, smallest on ties. Schedules without a GAR slot in the block ignore ``t_gar``. With
@@ -234,18 +234,23 @@ def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar
     else after it (``gar_after_s``; ties go inside) — on CPU ranks sharing cores a GAR beside the experts
     can cost more than it hides (``Costs.beside``). A choice predicted less than ``min_gain`` (a
     fraction) faster than the plain one — r = 1, the GAR after the backward when offered — gives way to
-    it (``plan.min_gain``)."""
+    it (``plan.min_gain``). ``t_gar`` is the slice's time with compute beside it all along (the busy
+    line); with ``t_gar_idle`` (alone) each pair gets the slice's rate-model duration beside its own
+    compute (:meth:`~fsmoe.perf.model.GarResponse.slice_s`), else ``t_gar`` as it is."""
     spec = get_schedule(spec) if isinstance(spec, str) else spec
     table = layer_table(spec, work, costs, degree_pairs(spec, max_degree))
-    gar = t_gar if spec.gar_in_moe else 0.0
-    k = table.best(gar)
+    slices = [0.0] * len(table.pairs)
+    if spec.gar_in_moe:
+        slices = [t_gar if t_gar_idle is None else g.slice_s(t_gar_idle, t_gar) for g in table.bwd]
+    k = min(range(len(table.pairs)), key=lambda i: (table.total_s(i, slices[i]), i))
+    gar = slices[k]
     after = 0.0
     if spec.gar_in_moe and t_gar_after is not None:
         k_after = table.best(0.0)
         if table.total_s(k_after) + t_gar_after < table.total_s(k, gar):
             k, gar, after = k_after, 0.0, t_gar_after
     plain = table.pairs.index((1, 1))
-    plain_gar, plain_after = (0.0, t_gar_after) if spec.gar_in_moe and t_gar_after is not None else (gar, after)
+    plain_gar, plain_after = (0.0, t_gar_after) if spec.gar_in_moe and t_gar_after is not None else (slices[plain], 0.0)
     plain_s = table.total_s(plain, plain_gar) + plain_after
     if table.total_s(k, gar) + after > plain_s / (1.0 + min_gain):
         k, gar, after = plain, plain_gar, plain_after

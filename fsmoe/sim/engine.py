@@ -46,6 +46,7 @@ from fsmoe.perf.model import (
     CONTENTION_TOL,
     KIND_OP,
     MAX_SLOW_WEIGHT,
+    RATE_KINDS,
     degree_pairs,
     model_slows,
     pass_tasks,
@@ -173,6 +174,15 @@ def contended(lo: Array, hi: Array, d: Array, covered: Array, inside: Array) -> 
     return np.where((k <= 0) | (d <= 0), lo, np.clip(x, lo, np.maximum(hi, lo)))
 
 
+def rate(lo: Array, hi: Array, d: Array, covered: Array, room: Array) -> Array:
+    """:func:`fsmoe.perf.model.rate_duration` on arrays: a collective progressing at lo/hi of its speed
+    beside compute, ``room`` the compute left after its current end in the task around it (0: outside)."""
+    w = 1.0 - lo / np.where(hi > 0, hi, 1.0)
+    stays = (lo + w * (covered - d)) / np.maximum(1.0 - w, 1e-12)
+    x = np.where(room > 0, np.where(stays > d + room, lo + w * (covered + room), stays), lo + w * covered)
+    return np.where((hi <= lo) | (d <= 0) | (lo <= 0), lo, np.clip(x, lo, np.maximum(hi, lo)))
+
+
 def slowed(lo: Array, d: Array, covered: Array, weight: Array) -> Array:
     """:func:`fsmoe.perf.model.slowed_duration` on arrays: a compute task (``lo`` alone) that lasted ``d``
     with ``covered`` weighted seconds of communication beside it and ``weight`` at its end."""
@@ -185,15 +195,15 @@ def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: M
                         gar_busy_s: Array | float | None = None,
                         slows: Mapping[str, float] | None = None) -> dict[tuple[str, int], Array | float]:
     """Every task's duration per layer: the task kind's operation in ``op_s`` (:data:`fsmoe.perf.model.KIND_OP`;
-    ``gar`` takes ``gar_s``). With ``busy_s`` (the collectives beside compute) each communication task's is
-    then found as :func:`fsmoe.perf.model.play_contended` finds it: after each play it takes
-    :func:`contended` against that play's compute spans, replayed until no duration of a layer moves by
-    more than ``CONTENTION_TOL`` of its makespan, at most ``CONTENTION_PLAYS`` plays; a layer that has
-    settled keeps its durations, so each row is played exactly as alone. ``gar`` is contended too when
-    ``gar_busy_s`` is given (``gar_s`` then is its idle time), as ``play_pass(t_gar=, t_gar_idle=)`` does.
-    With ``slows`` (σ per collective, ``Costs.beside``) compute tasks slow beside the collectives as
-    there (:func:`slowed`; the weights' sum is capped at the task's end and over its span, where the
-    evaluator caps it segment by segment: the same while the sum stays below ``MAX_SLOW_WEIGHT``)."""
+    ``gar`` takes ``gar_s``). With ``busy_s`` (the collectives beside compute) each communication task's is then
+    found as :func:`fsmoe.perf.model.play_contended` finds it: after each play it takes :func:`contended` against
+    that play's compute spans (``gar``: :func:`rate`), replayed until no duration of a layer moves by more than
+    ``CONTENTION_TOL`` of its makespan, at most ``CONTENTION_PLAYS`` plays; a layer that has settled keeps its
+    durations, so each row is played exactly as alone. ``gar`` is contended too when ``gar_busy_s`` is given
+    (``gar_s`` then is its idle time), as ``play_pass(t_gar=, t_gar_idle=)`` does. With ``slows`` (σ per collective,
+    ``Costs.beside``) compute tasks slow beside the collectives as there (:func:`slowed`; the weights' sum is capped
+    at the task's end and over its span, where the evaluator caps it segment by segment: the same while the sum
+    stays below ``MAX_SLOW_WEIGHT``)."""
     durations: dict[tuple[str, int], Array | float] = {
         t.key: (gar_s if t.kind == "gar" else op_s[KIND_OP[t.kind][0]]) for t in tasks}
     weight = {t.key: 1.0 - 1.0 / (slows or {}).get("gar" if t.kind == "gar" else KIND_OP[t.kind][0], 1.0)
@@ -222,7 +232,11 @@ def contended_durations(tasks: Sequence[Task], lanes: Mapping[str, str], op_s: M
                           np.zeros_like(s))
             inside = functools.reduce(np.logical_or, ((cs < e) & (e < ce) for cs, ce in compute),
                                       np.zeros_like(s, dtype=bool))
-            new[t.key] = contended(np.asarray(lo[t.key], dtype=float), busy_of(t), e - s, covered, inside)
+            if t.kind in RATE_KINDS:
+                room = sum((np.where((cs < e) & (e < ce), ce - e, 0.0) for cs, ce in compute), np.zeros_like(s))
+                new[t.key] = rate(np.asarray(lo[t.key], dtype=float), busy_of(t), e - s, covered, room)
+            else:
+                new[t.key] = contended(np.asarray(lo[t.key], dtype=float), busy_of(t), e - s, covered, inside)
             moved = np.maximum(moved, np.abs(new[t.key] - durations[t.key]))
         for t in computes:
             s, e = spans[t.key]

@@ -33,6 +33,7 @@ from fsmoe.perf.model import (
     play_contended,
     play_pass,
     predicates,
+    rate_duration,
     slowed_duration,
     tokens_per_rank,
     window,
@@ -323,11 +324,23 @@ def test_gar_slice_contended_between_its_lines() -> None:
     costs = costs_for(a2a=1, ag=0.5, exp_fwd=4)  # backward experts: 8 s in all
     inside = play_pass(FSMOE, WORK, costs, 4, backward=True, t_gar=2.0, t_gar_idle=1.0)
     assert inside.predicted_s()["gar[0]"] == pytest.approx(2.0)  # wholly beside the experts: busy
-    # r = 1: gar on [1, 1 + d] after combine_bwd[0], the expert on [1.5, 9.5]: d = 1 + (d − 0.5)/d,
-    # d = 1 + √0.5, found by the second play and confirmed by the third
+    # r = 1: gar on [1, 1 + d] after combine_bwd[0], the expert on [1.5, 9.5]. Rate model (κ = 2): full
+    # speed for 0.5 s, then half speed for the other 0.5 s of its work: d = 1.5, found by the first
+    # replay and confirmed by the second
     partly = play_pass(FSMOE, WORK, costs, 1, backward=True, t_gar=2.0, t_gar_idle=1.0)
     assert partly.plays == 2
-    assert partly.predicted_s()["gar[0]"] == pytest.approx(1 + 0.5**0.5, rel=REL)
+    assert partly.predicted_s()["gar[0]"] == pytest.approx(1.5, rel=REL)
+
+
+def test_rate_duration_by_hand() -> None:
+    # idle 2 s, busy 8 s (κ = 4, w = 3/4). Last play: 2 s, 1 s of it beside compute, end inside a compute
+    # task with 10 s left: it stays inside, x = 2 + 3/4·(1 + x − 2) → x = 5
+    assert rate_duration(2.0, 8.0, 2.0, 1.0, 10.0) == pytest.approx(5.0)
+    # only 1 s of that task left: it passes the task's end, overlapped 1 + 1 = 2 s: x = 2 + 3/4·2 = 3.5
+    assert rate_duration(2.0, 8.0, 2.0, 1.0, 1.0) == pytest.approx(3.5)
+    assert rate_duration(2.0, 8.0, 3.0, 1.0, 0.0) == pytest.approx(2.75)  # end outside compute
+    assert rate_duration(2.0, 8.0, 8.0, 8.0, 50.0) == 8.0  # overlapped all along: the busy time
+    assert rate_duration(2.0, 2.0, 2.0, 2.0, 5.0) == 2.0  # no contention measured
 
 
 def test_the_evaluator_plays_the_schedules_own_task_lists() -> None:

@@ -25,11 +25,12 @@ from fsmoe.perf.model import (
     case_time,
     closed_form,
     degree_pairs,
+    layer_table,
     layer_work,
     padded_for,
     play_pass,
 )
-from fsmoe.perf.partition import StepModel, StreamBytes, partition, rank_stream, replica_sizes
+from fsmoe.perf.partition import StepModel, StreamBytes, partition, rank_stream, replica_sizes, slice_durations
 from fsmoe.perf.planner import algorithm1, plan_job, plan_layer, predict_layer, step_model
 from tests.dist_utils import run_distributed
 
@@ -305,6 +306,60 @@ def test_plan_job_takes_the_default_plan_when_it_is_predicted_faster(monkeypatch
     assert plan.partition.startswith("default (greedy at r = ")
     assert plan.step_s == pytest.approx(default.step_s, rel=1e-12) and plan.degrees == default.pairs
     assert plan.gradient_plan == default.gradient_plan() and plan.gar_plan != "after"
+
+
+def test_gar_slice_duration_by_hand() -> None:
+    """The slice's rate-model duration at its slot: idle 6.4 s, busy 19.2 s (κ = 3), 0.5 s before the
+    compute, 2 s of compute after that: 0.5 s at full speed, 2 s at a third (2/3 s of its work), then the
+    other 5.9 − 2/3 s at full speed: 7.7333 s. Within the lead: its idle time; no compute: idle too."""
+    g = GarResponse(a_s=5.0, b_s=1.0, lead_s=0.5, beside_s=2.0)
+    assert g.slice_s(6.4, 19.2) == pytest.approx(0.5 + 2.0 + 5.9 - 2.0 / 3)
+    assert g.slice_s(0.4, 1.2) == 0.4
+    assert g.slice_s(1.0, 2.0) == pytest.approx(0.5 + 1.0)  # all of the rest beside compute: 0.5·κ = 1 s
+    assert GarResponse(a_s=5.0, b_s=1.0).slice_s(1.0, 10.0) == 1.0
+    slowing = GarResponse(a_s=5.0, b_s=1.0, slow=0.5, lead_s=0.5, cover_s=4.0, beside_s=2.0)  # σ = 2
+    assert slowing.overlap_s == 4.0 and slowing.slice_s(6.4, 19.2) == pytest.approx(0.5 + 4.0 + 5.9 - 4.0 / 3)
+    cases = [(6.4, 19.2, 0.5, 2.0), (0.4, 1.2, 0.5, 2.0), (1.0, 2.0, 0.5, 2.0), (1.0, 10.0, 0.0, 0.0),
+             (6.4, 19.2, 0.5, 4.0), (0.0, 0.0, 0.0, 1.0)]
+    got = slice_durations(*(np.array(col) for col in zip(*cases, strict=True)))
+    want = [GarResponse(a_s=0.0, b_s=0.0, lead_s=lead, beside_s=over).slice_s(ti, tb) for ti, tb, lead, over in cases]
+    assert got.tolist() == pytest.approx(want)
+
+
+def test_step_walk_moe_slice_at_its_rate_model_duration() -> None:
+    """The walk's MoE slot with a contended slice: 64 B at 0.1 s per byte alone, 0.3 s beside compute
+    (κ = 3); the block's response has 0.5 s before its compute and 2 s of it after the slot: the slice
+    takes 7.7333 s (test above), and the block max(5, 1 + 7.7333)."""
+    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
+                                                                                         d_hidden=8))
+    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
+    zero = L(0.0, 0.0)
+    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 0.1), "expert_fwd": zero, "expert_bwd": zero,
+           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
+    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
+    table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(GarResponse(a_s=5.0, b_s=1.0, lead_s=0.5, beside_s=2.0),))
+    model = StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
+                      costs=Costs(ops=ops, busy={"gar": L(0.0, 0.3)}), stream=stream)
+    out = model.run(fixed=np.array([[64, 0, 0, 0]]))
+    slice_s = 0.5 + 2.0 + 5.9 - 2.0 / 3
+    assert out["gar"][0, 0] == pytest.approx(slice_s) and out["bwd"][0, 0] == pytest.approx(1.0 + slice_s)
+
+
+def test_plan_layer_plays_the_slice_at_each_pairs_rate_model_duration() -> None:
+    """Taking the busy line (10× idle) for the slice's duration, a compute-bound layer's 2 ms GAR goes after
+    the backward; with its idle time given, each pair gets the slice beside its own compute
+    (GarResponse.slice_s) and it stays inside, the plan's slice and backward that pair's."""
+    costs, idle = COSTS["compute"], 2e-3
+    busy_only = plan_layer("fsmoe", WORK, costs, t_gar=10 * idle, t_gar_after=idle)
+    assert busy_only.gar_after_s == idle and busy_only.gar_s == 0.0
+    rated = plan_layer("fsmoe", WORK, costs, t_gar=10 * idle, t_gar_after=idle, t_gar_idle=idle)
+    assert rated.gar_after_s == 0.0 and idle < rated.gar_s < 10 * idle
+    table = layer_table(get_schedule("fsmoe"), WORK, costs, degree_pairs(get_schedule("fsmoe"), 8))
+    slices = [g.slice_s(idle, 10 * idle) for g in table.bwd]
+    best = min(range(len(table.pairs)), key=lambda k: (table.total_s(k, slices[k]), k))
+    assert (rated.r_fwd, rated.r_bwd) == table.pairs[best] and rated.gar_s == pytest.approx(slices[best])
+    assert rated.total_s == pytest.approx(table.total_s(best, slices[best]))
+    assert rated.total_s < busy_only.total_s
 
 
 def test_plan_layer_moves_the_gar_after_when_that_is_faster() -> None:

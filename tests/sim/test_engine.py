@@ -8,7 +8,7 @@ import pytest
 
 from fsmoe.config import SCHEDULES, get_schedule
 from fsmoe.perf.costs import Costs, Linear
-from fsmoe.perf.model import LayerWork, PassModel, closed_form, padded_for, play_pass
+from fsmoe.perf.model import LayerWork, PassModel, closed_form, padded_for, play_pass, rate_duration
 from fsmoe.perf.planner import plan_layer
 from fsmoe.sim.engine import (
     DenseTimes,
@@ -18,6 +18,7 @@ from fsmoe.sim.engine import (
     gar_time,
     layer_tables,
     play_batch,
+    rate,
     schedule_layer,
 )
 from tests.perf.cases import REL, WORK
@@ -232,6 +233,16 @@ def test_engine_with_busy_lines_equals_play_contended(name: str, totals: dict) -
             assert tables.busy["a2a"][k, 0] >= idle.busy["a2a"][k, 0]
     if spec.pipelined:
         assert np.any(tables.busy["a2a"] > idle.busy["a2a"] * (1 + 1e-9)), "no AlltoAll overlapped compute"
+
+
+def test_rate_on_arrays_equals_the_evaluators_rate_duration() -> None:
+    """The GAR's rate model, batched: every case of :func:`fsmoe.perf.model.rate_duration` (end inside a
+    compute task and staying there, passing its end, outside compute; no contention; zero length)."""
+    cases = [(2.0, 8.0, 2.0, 1.0, 10.0), (2.0, 8.0, 2.0, 1.0, 1.0), (2.0, 8.0, 3.0, 1.0, 0.0),
+             (2.0, 8.0, 8.0, 8.0, 50.0), (2.0, 2.0, 2.0, 2.0, 5.0), (1.0, 3.0, 0.0, 0.0, 0.0),
+             (0.5, 1.5, 0.7, 0.2, 0.05)]
+    got = rate(*(np.array(col) for col in zip(*cases, strict=True)))
+    assert got.tolist() == pytest.approx([rate_duration(*c) for c in cases], rel=REL)
 
 
 def test_contended_rows_are_played_alone() -> None:
