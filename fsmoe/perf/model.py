@@ -83,6 +83,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
+import numpy as np
+
 from fsmoe.config import JobConfig, ModelConfig, ScheduleSpec
 from fsmoe.moe.gates import capacity_for, fit_capacity
 from fsmoe.perf.costs import Costs, Linear
@@ -747,6 +749,17 @@ class GarResponse:
         return max(self.a_s - self.b_s, 0.0) if math.isfinite(self.b_s) else 0.0
 
 
+def slice_durations(t_idle: np.ndarray, t_busy: np.ndarray, lead: np.ndarray, overlap: np.ndarray) -> np.ndarray:
+    """:meth:`GarResponse.slice_s` on arrays (broadcast): a slice of ``t_idle`` alone
+    (``t_busy`` beside compute all along, κ = t_busy/t_idle) runs ``lead`` at full speed, then at 1/κ beside
+    ``overlap`` seconds of compute, then at full speed."""
+    positive = t_idle > 0
+    kappa = np.where(positive, np.maximum(t_busy, t_idle) / np.where(positive, t_idle, 1.0), 1.0)
+    rest = np.maximum(t_idle - lead, 0.0)
+    beside = np.minimum(rest * kappa, overlap)
+    return np.where(t_idle > lead, lead + beside + rest - beside / kappa, t_idle)
+
+
 def gar_response(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int) -> GarResponse:
     """A and B of :class:`GarResponse` from two plays (durations do not depend on t_gar); B = −∞ when
     the schedule runs no GAR slot inside the block (``spec.gar_in_moe`` False). The compute the slice
@@ -831,5 +844,6 @@ __all__ = [
     "Predicates", "SLOWING", "TaskSpan", "Timeline", "block_work", "case_of", "case_time", "closed_form",
     "contended_duration", "degree_pairs", "degrees_up_to", "gar_response", "layer_table", "layer_work", "model_slows",
     "overlap_fractions", "padded_for", "pass_durations", "pass_slows", "pass_tasks", "play", "play_contended",
-    "play_pass", "predicate_margins", "predicates", "slowed_duration", "tokens_per_rank", "uses_busy_line", "window",
+    "play_pass", "predicate_margins", "predicates", "rate_duration", "slice_durations", "slowed_duration",
+    "tokens_per_rank", "uses_busy_line", "window",
 ]

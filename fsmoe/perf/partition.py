@@ -58,7 +58,7 @@ from fsmoe.parallel.grad_plan import NO_PLAN, TAIL, GradientPlan, StreamLayout, 
 from fsmoe.parallel.grad_sync import REPLICA_ATTR, mark_replicas
 from fsmoe.parallel.parallelize import gpt_gradient_stream
 from fsmoe.perf.costs import Costs, Linear
-from fsmoe.perf.model import FP32_BYTES, BlockWork, LayerTable
+from fsmoe.perf.model import FP32_BYTES, BlockWork, LayerTable, slice_durations
 
 GRAD_SYNC_BUCKET_BYTES = 25 * 2**20  # fsmoe.parallel.grad_sync.GradSync's default bucket
 _EXPERT_PARAM = re.compile(r"^blocks\.\d+\.mlp\.experts\.\w+_([eDH]+)$")
@@ -334,17 +334,6 @@ class StepModel:
         for slot, n in plan.ranges:
             row[0, index[slot]] += n
         return row
-
-
-def slice_durations(t_idle: np.ndarray, t_busy: np.ndarray, lead: np.ndarray, overlap: np.ndarray) -> np.ndarray:
-    """:meth:`fsmoe.perf.model.GarResponse.slice_s` on arrays (broadcast): a slice of ``t_idle`` alone
-    (``t_busy`` beside compute all along, κ = t_busy/t_idle) runs ``lead`` at full speed, then at 1/κ beside
-    ``overlap`` seconds of compute, then at full speed."""
-    positive = t_idle > 0
-    kappa = np.where(positive, np.maximum(t_busy, t_idle) / np.where(positive, t_idle, 1.0), 1.0)
-    rest = np.maximum(t_idle - lead, 0.0)
-    beside = np.minimum(rest * kappa, overlap)
-    return np.where(t_idle > lead, lead + beside + rest - beside / kappa, t_idle)
 
 
 # --- partitioning ----------------------------------------------------------------------------------------------

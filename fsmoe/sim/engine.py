@@ -50,6 +50,7 @@ from fsmoe.perf.model import (
     degree_pairs,
     model_slows,
     pass_tasks,
+    slice_durations,
 )
 from fsmoe.schedule.ir import Task
 from fsmoe.schedule.schedules import lanes_for
@@ -271,7 +272,8 @@ class LayerTables:
     each operation over both passes (``busy``: ``a2a``, ``ag``, ``rs``, ``expert``). Where the GAR slows
     compute (σ > 1), ``W``, ``LEAD`` and ``COVER`` are :class:`~fsmoe.perf.model.GarResponse`'s ``slow``,
     ``lead_s`` and ``cover_s``: the backward with a slice of t is max(A + W·min(max(t − LEAD, 0), COVER),
-    B + t) (:meth:`backward`)."""
+    B + t) (:meth:`backward`); ``OVERLAP`` its ``overlap_s``, the compute a slice has beside it
+    (:meth:`slices`)."""
 
     pairs: tuple[tuple[int, int], ...]
     F: Array
@@ -281,11 +283,20 @@ class LayerTables:
     W: float = 0.0
     LEAD: Array | float = 0.0
     COVER: Array | float = 0.0
+    OVERLAP: Array | float = 0.0
 
     def backward(self, t_gar: Array) -> Array:
-        """(K, N) backward blocks with a GAR slice of ``t_gar`` (N,) seconds in the slot."""
-        grown = self.A + self.W * np.minimum(np.maximum(t_gar[None, :] - self.LEAD, 0.0), self.COVER)
-        return np.maximum(grown, self.B + t_gar[None, :])
+        """(K, N) backward blocks with a GAR slice of ``t_gar`` seconds in the slot: (N,), or (K, N) a
+        slice per pair."""
+        t = t_gar if t_gar.ndim == 2 else t_gar[None, :]
+        grown = self.A + self.W * np.minimum(np.maximum(t - self.LEAD, 0.0), self.COVER)
+        return np.maximum(grown, self.B + t)
+
+    def slices(self, t_idle: Array, t_busy: Array) -> Array:
+        """(K, N) durations of a slice of ``t_idle`` (N,) alone and ``t_busy`` beside compute all along, in
+        each pair's slot: :meth:`~fsmoe.perf.model.GarResponse.slice_s` (``OVERLAP``: its ``overlap_s``)."""
+        out = slice_durations(t_idle[None, :], t_busy[None, :], np.asarray(self.LEAD), np.asarray(self.OVERLAP))
+        return np.broadcast_to(out, np.broadcast_shapes(out.shape, self.A.shape))
 
 
 def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: Sequence[tuple[int, int]] | None = None,
@@ -297,7 +308,7 @@ def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: 
     lanes = lanes_for(spec)
     slows = model_slows(costs) or None
     sigma = slows.get("gar", 1.0) if slows else 1.0
-    F, A, B, LEAD, COVER = [], [], [], [], []
+    F, A, B, LEAD, COVER, OVERLAP = [], [], [], [], [], []
     busy: dict[str, list[Array]] = {"a2a": [], "ag": [], "rs": [], "expert": []}
     none = np.zeros(len(batch))
     for rf, rb in pairs:
@@ -312,38 +323,40 @@ def layer_tables(spec: ScheduleSpec, batch: LayerBatch, costs: Costs, *, pairs: 
                 durations = contended_durations(tasks, lanes, op_s, busy_s=busy_s, slows=slows)
                 spans = play_spans(tasks, lanes, durations)
                 base = makespan(spans)
-                b, lead, cover = np.full(len(batch), -np.inf), none, none
+                b, lead, cover, after = np.full(len(batch), -np.inf), none, none, none
                 if key[-1]:
                     big = 2.0 * base + 1.0
                     with_gar = pass_tasks(spec, r, backward=True, with_gar=True)
                     through = play_spans(with_gar, lanes, contended_durations(with_gar, lanes, op_s, big, busy_s,
                                                                               slows=slows))
                     b = makespan(through) - big
-                    if sigma > 1.0:  # GarResponse's lead and cover (fsmoe.perf.model.gar_response)
-                        g = through[("gar", 0)][0]
-                        later = [(s, e) for t in tasks if t.channel == "compute" for s, e in [spans[t.key]]]
-                        first = functools.reduce(np.minimum, (np.where(e > g, s, np.inf) for s, e in later),
-                                                 np.full(len(batch), np.inf))
-                        lead = np.where(np.isfinite(first), np.maximum(first - g, 0.0), 0.0)
-                        cover = sigma * sum((np.where(e > g, e - np.maximum(s, g), 0.0) for s, e in later), none)
+                    # GarResponse's lead, cover and beside (fsmoe.perf.model.gar_response)
+                    g = through[("gar", 0)][0]
+                    later = [(s, e) for t in tasks if t.channel == "compute" for s, e in [spans[t.key]]]
+                    first = functools.reduce(np.minimum, (np.where(e > g, s, np.inf) for s, e in later),
+                                             np.full(len(batch), np.inf))
+                    lead = np.where(np.isfinite(first), np.maximum(first - g, 0.0), 0.0)
+                    after = sum((np.where(e > g, e - np.maximum(s, g), 0.0) for s, e in later), none)
+                    cover = sigma * after if sigma > 1.0 else none
                 summed: dict[str, Array] = {}
                 for t in tasks:
                     op = KIND_OP[t.kind][0]
                     summed[op] = summed.get(op, 0.0) + durations[t.key]
-                cache[key] = (base, b, summed, lead, cover)
+                cache[key] = (base, b, summed, lead, cover, after)
             out.append(cache[key])
-        (f, _, of, _, _), (a, b, ob, lead, cover) = out
+        (f, _, of, _, _, _), (a, b, ob, lead, cover, after) = out
         F.append(f)
         A.append(a)
         B.append(b)
         LEAD.append(lead)
         COVER.append(cover)
+        OVERLAP.append(cover if sigma > 1.0 else after)
         for kind, ops in (("a2a", ("a2a",)), ("ag", ("ag",)), ("rs", ("rs",)),
                           ("expert", ("expert_fwd", "expert_bwd"))):
             busy[kind].append(sum((d.get(op, 0.0) for d in (of, ob) for op in ops), np.zeros(len(batch))))
     return LayerTables(pairs=pairs, F=np.array(F), A=np.array(A), B=np.array(B),
                        busy={k: np.array(v) for k, v in busy.items()}, W=1.0 - 1.0 / sigma, LEAD=np.array(LEAD),
-                       COVER=np.array(COVER))
+                       COVER=np.array(COVER), OVERLAP=np.array(OVERLAP))
 
 
 # --- the dense part ---------------------------------------------------------------------------------------------
@@ -419,8 +432,10 @@ def gar_time(line: Linear, n: Array, chunk: int | None = None) -> Array:
 def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, grad_bytes: Array,
                    costs: Costs) -> LayerResult:
     """``spec``'s generalized layer with ``grad_bytes`` to all-reduce in its backward (module docstring). A
-    slice in the MoE block's slot overlaps the experts and takes the GAR's busy line (the idle one where the
-    costs have none, as the paper's presets); beside the dense backward and exposed, the idle line. Where
+    slice in the MoE block's slot overlaps the experts: at each pair its rate-model duration beside that
+    pair's compute, between the GAR's idle and busy lines (:meth:`LayerTables.slices`, as the planner;
+    idle where the costs have no busy line, as the paper's presets); beside the dense backward and
+    exposed, the idle line. Where
     the GAR slows compute (σ > 1), the slot's slice slows the block as :meth:`LayerTables.backward` says
     and the dense part's slice its dense backward by (1 − 1/σ)·min(t, σ·dense), as the planner's step
     model does."""
@@ -448,9 +463,10 @@ def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, g
         k, t_in, t_dense, exposed, slowed = np.zeros(N, dtype=int), zero, zero, zero, zero
         for x in cands:
             x = np.clip(np.nan_to_num(x, nan=0.0, posinf=0.0), 0.0, n)
-            x_in, x_dense = gar_time(slot, x), gar_time(line, n - x)
-            tot = F + tables.backward(x_in)  # (K, N)
+            slices, x_dense = tables.slices(gar_time(line, x), gar_time(slot, x)), gar_time(line, n - x)
+            tot = F + tables.backward(slices)  # (K, N)
             kx = np.argmin(tot, axis=0)
+            x_in = slices[kx, cols]
             x_slowed = beside_dense(x_dense)
             x_exposed = np.maximum(x_dense - dense.bwd_s - x_slowed, 0.0)
             step = tot[kx, cols] + x_slowed + x_exposed
@@ -461,10 +477,11 @@ def schedule_layer(spec: ScheduleSpec, tables: LayerTables, dense: DenseTimes, g
             slowed = np.where(better, x_slowed, slowed)
         block_b = tables.backward(t_in)[k, cols]
     elif spec.gar_in_moe:  # lina: everything in the MoE backward, in fixed chunks
-        t_in = gar_time(slot, n, spec.gar_chunk_bytes)
-        tot = F + tables.backward(t_in)
+        slices = tables.slices(gar_time(line, n, spec.gar_chunk_bytes), gar_time(slot, n, spec.gar_chunk_bytes))
+        tot = F + tables.backward(slices)
         k = np.argmin(tot, axis=0)
-        block_b = tables.backward(t_in)[k, cols]
+        t_in = slices[k, cols]
+        block_b = tables.backward(slices)[k, cols]
         t_dense, exposed, slowed = zero, zero, zero
     else:
         t_in = zero

@@ -29,8 +29,9 @@ from fsmoe.perf.model import (
     layer_work,
     padded_for,
     play_pass,
+    slice_durations,
 )
-from fsmoe.perf.partition import StepModel, StreamBytes, partition, rank_stream, replica_sizes, slice_durations
+from fsmoe.perf.partition import StepModel, StreamBytes, partition, rank_stream, replica_sizes
 from fsmoe.perf.planner import algorithm1, plan_job, plan_layer, predict_layer, step_model
 from tests.dist_utils import run_distributed
 

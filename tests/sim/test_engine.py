@@ -245,6 +245,34 @@ def test_rate_on_arrays_equals_the_evaluators_rate_duration() -> None:
     assert got.tolist() == pytest.approx([rate_duration(*c) for c in cases], rel=REL)
 
 
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_gar_slot_slice_is_the_planners_rate_model_duration(sigma: float) -> None:
+    """The MoE slot's slice in the engine is GarResponse.slice_s of the pair: each pair's LEAD and OVERLAP
+    equal the evaluator's lead_s and overlap_s, and lina (everything in the slot) runs its slice at that
+    duration, between the idle and busy lines."""
+    from fsmoe.perf.model import gar_response
+
+    base = costs_for(a2a=1, ag=0.5, exp_fwd=8, alpha=0.01)
+    gar = Linear(alpha_s=0.0, beta_s=1e-4)
+    costs = Costs(ops={**base.ops, "gar": gar}, busy={"a2a": base.op("a2a").scaled(1.5), "gar": gar.scaled(3.0)},
+                  beside={"gar": sigma} if sigma > 1 else {})
+    per_gemm = Costs(ops={**costs.ops, **{op: Linear(alpha_s=costs.op(op).alpha_s / 2, beta_s=costs.op(op).beta_s)
+                                          for op in ("expert_fwd", "expert_bwd")}},
+                     busy=costs.busy, beside=costs.beside)  # the engine's expert line is per GEMM
+    lina = get_schedule("lina")
+    tables = layer_tables(lina, batch_of(WORK), per_gemm)
+    for k, (rf, rb) in enumerate(tables.pairs):
+        g = gar_response(lina, padded_for(WORK, rf, rb), costs, rb)
+        assert (tables.LEAD[k, 0], tables.OVERLAP[k, 0]) == (pytest.approx(g.lead_s, rel=REL, abs=1e-12),
+                                                              pytest.approx(g.overlap_s, rel=REL))
+    n = np.array([100000.0])  # 10 s alone, 30 s beside compute all along: it outlasts the experts
+    res = schedule_layer(lina, tables, _dense(0.0), n, per_gemm)
+    k = int(res.pair[0])
+    rf, rb = tables.pairs[k]
+    want = gar_response(lina, padded_for(WORK, rf, rb), costs, rb).slice_s(10.0, 30.0)
+    assert res.gar_moe_s[0] == pytest.approx(want, rel=REL) and 10.0 < want < 30.0
+
+
 def test_contended_rows_are_played_alone() -> None:
     """Rows settle after different numbers of plays; each equals its own one-row play."""
     costs = _with_busy(costs_for(a2a=3, ag=1, exp_fwd=2, alpha=0.05), 2.0)
