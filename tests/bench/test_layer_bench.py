@@ -155,6 +155,9 @@ def test_rounds_run_the_rows_in_shuffled_orders() -> None:
     for row in rows:
         assert len({o.index(row) for o in orders}) >= 3
         assert len({o[o.index(row) - 1] for o in orders if o.index(row) > 0}) >= 2
+    # another table (other row names) gets other orders: a row's place is not the same in every table
+    other = [round_order(rows, k, "another table") for k in range(5)]
+    assert other == [round_order(rows, k, "another table") for k in range(5)] and other != orders
 
 
 def test_summary_ratios_come_from_the_medians() -> None:
