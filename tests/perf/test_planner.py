@@ -235,33 +235,37 @@ def test_step_walk_by_hand() -> None:
     assert late["bwd_s"][0] == pytest.approx(7 + 3.68 + 9.728)
 
 
+def _walk(gar: Linear, *, response: GarResponse | None = None, busy: Linear | None = None,
+          sigma: float = 1.0) -> StepModel:
+    """The two blocks of the walk above (moe:1 64 B, dense:1 +1280 B, dense:0 +2400 B, tail +9664 B;
+    attention and MLP 1 s each), the GAR on ``gar`` alone and ``busy`` beside compute, σ = ``sigma``; the
+    MoE layer's backward ``response`` (default max(5, 1 + t_gar)), its forward 2 s."""
+    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
+                                                                                         d_hidden=8))
+    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
+    zero = L(0.0, 0.0)
+    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": gar, "expert_fwd": zero, "expert_bwd": zero,
+           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
+    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
+    table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(response or GarResponse(a_s=5.0, b_s=1.0),))
+    costs = Costs(ops=ops, busy={"gar": busy} if busy else {}, beside={"gar": sigma})
+    return StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
+                     costs=costs, stream=stream)
+
+
 def test_step_walk_with_compute_slowed_beside_the_gar() -> None:
     """The walk above with σ = 2 for the GAR: 1000 B at dense:0 occupy the link for 1 s from 7 s while
     block 0's attention (1 s) runs beside it at half speed: 1.5 s; the tail (12408 B) follows at 8.5 s.
     In the MoE block, the slice slows the path around it as its GarResponse says (w = 1/2 after a 0.5 s
     lead, at most cover_s): 64 B = 0.064 s at moe:1 leave it at 5; at 0.1 s per byte, 6.4 s make it 6.5."""
-    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
-                                                                                         d_hidden=8))
-    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
-    zero = L(0.0, 0.0)
-    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 1e-3), "expert_fwd": zero, "expert_bwd": zero,
-           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
-    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
-
-    def model(sigma: float, response: GarResponse) -> StepModel:
-        table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(response,))
-        return StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
-                         costs=Costs(ops=ops, beside={"gar": sigma}), stream=stream)
-
-    plain = GarResponse(a_s=5.0, b_s=1.0)
     one_range = np.array([[0, 0, 1000, 0]])
-    assert model(1.0, plain).run(fixed=one_range)["bwd_s"][0] == pytest.approx(7 + 1 + 12.408)
-    assert model(2.0, plain).run(fixed=one_range)["bwd_s"][0] == pytest.approx(7 + 1.5 + 12.408)
-    slowed = model(2.0, GarResponse(a_s=5.0, b_s=1.0, slow=0.5, lead_s=0.5, cover_s=8.0))
+    assert _walk(L(0.0, 1e-3)).run(fixed=one_range)["bwd_s"][0] == pytest.approx(7 + 1 + 12.408)
+    assert _walk(L(0.0, 1e-3), sigma=2.0).run(fixed=one_range)["bwd_s"][0] == pytest.approx(7 + 1.5 + 12.408)
+    slowed = _walk(L(0.0, 1e-3), sigma=2.0, response=GarResponse(a_s=5.0, b_s=1.0, slow=0.5, lead_s=0.5, cover_s=8.0))
     short = slowed.run(fixed=np.array([[64, 0, 0, 0]]))  # 0.064 s: within the lead, nothing slowed
     assert (short["gar"][0, 0], short["bwd"][0, 0]) == (pytest.approx(0.064), 5.0)
-    ops["gar"] = L(0.0, 0.1)  # 64 B take 6.4 s: 5 + 0.5·min(6.4 − 0.5, 3) = 6.5 > B + 6.4 = 5.4
-    capped = model(2.0, GarResponse(a_s=5.0, b_s=-1.0, slow=0.5, lead_s=0.5, cover_s=3.0))
+    # 64 B take 6.4 s: 5 + 0.5·min(6.4 − 0.5, 3) = 6.5 > B + 6.4 = 5.4
+    capped = _walk(L(0.0, 0.1), sigma=2.0, response=GarResponse(a_s=5.0, b_s=-1.0, slow=0.5, lead_s=0.5, cover_s=3.0))
     assert capped.run(fixed=np.array([[64, 0, 0, 0]]))["bwd"][0, 0] == pytest.approx(6.5)
 
 
@@ -271,16 +275,7 @@ def test_step_walk_dense_range_past_its_compute_runs_at_idle_speed() -> None:
     the last user. Rate model: 1/3 of idle speed for 1 s (333.3 B), the other 3346.7 B at 1 ms per byte:
     4.3467 s, not the 11.04 s of the busy line throughout; the tail (9728 B) follows on the idle line.
     A range that fits inside its compute window costs its busy time: 300 B at dense:0 take 0.9 s."""
-    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
-                                                                                         d_hidden=8))
-    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
-    zero = L(0.0, 0.0)
-    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 1e-3), "expert_fwd": zero, "expert_bwd": zero,
-           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
-    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
-    table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(GarResponse(a_s=5.0, b_s=1.0),))
-    model = StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
-                      costs=Costs(ops=ops, busy={"gar": L(0.0, 3e-3)}), stream=stream)
+    model = _walk(L(0.0, 1e-3), busy=L(0.0, 3e-3))
     late = model.run(fixed=np.array([[0, 0, 3680, 0]]))
     assert late["bwd_s"][0] == pytest.approx(7 + (1 + 3.68 - 1 / 3) + 9.728)
     inside = model.run(fixed=np.array([[0, 0, 300, 0]]))  # link busy 7 → 7.9 beside the attention (7 → 8)
@@ -331,16 +326,7 @@ def test_step_walk_moe_slice_at_its_rate_model_duration() -> None:
     """The walk's MoE slot with a contended slice: 64 B at 0.1 s per byte alone, 0.3 s beside compute
     (κ = 3); the block's response has 0.5 s before its compute and 2 s of it after the slot: the slice
     takes 7.7333 s (test above), and the block max(5, 1 + 7.7333)."""
-    cfg = ModelConfig(seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16, moe=MoEConfig(num_experts=2, top_k=1,
-                                                                                         d_hidden=8))
-    stream = StreamBytes(gpt_gradient_stream(GPTMoE(cfg)), {"world": 2, "dense_dp": 2, "expert_dp": 2})
-    zero = L(0.0, 0.0)
-    ops = {"a2a": zero, "ag": zero, "rs": zero, "gar": L(0.0, 0.1), "expert_fwd": zero, "expert_bwd": zero,
-           "gate_fwd": zero, "gate_bwd": zero, "dense_fwd": L(0.0, 1.0), "dense_bwd": L(0.0, 1.0)}
-    blocks = (BlockWork(moe=False, n_attn=1.0, n_mlp=1.0), BlockWork(moe=True, n_attn=1.0, n_mlp=0.0))
-    table = LayerTable(pairs=((1, 1),), fwd_s=(2.0,), bwd=(GarResponse(a_s=5.0, b_s=1.0, lead_s=0.5, beside_s=2.0),))
-    model = StepModel(spec=get_schedule("fsmoe"), blocks=blocks, tables=[table], gate_n=[0.0], head_n=0.0,
-                      costs=Costs(ops=ops, busy={"gar": L(0.0, 0.3)}), stream=stream)
+    model = _walk(L(0.0, 0.1), busy=L(0.0, 0.3), response=GarResponse(a_s=5.0, b_s=1.0, lead_s=0.5, beside_s=2.0))
     out = model.run(fixed=np.array([[64, 0, 0, 0]]))
     slice_s = 0.5 + 2.0 + 5.9 - 2.0 / 3
     assert out["gar"][0, 0] == pytest.approx(slice_s) and out["bwd"][0, 0] == pytest.approx(1.0 + slice_s)
