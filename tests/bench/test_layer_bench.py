@@ -203,9 +203,9 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     # the auto row: the planner's degrees on the profiled costs, run like the fsmoe rows
     auto = data["auto"]
     costs = Costs.from_dict(data["costs"])
+    idle = costs.op("gar")(auto["gar_bytes"])
     want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=auto["t_gar_s"],
-                      t_gar_after=costs.op("gar")(auto["gar_bytes"]), max_degree=job.plan.max_degree,
-                      min_gain=job.plan.min_gain)
+                      t_gar_after=idle, t_gar_idle=idle, max_degree=job.plan.max_degree, min_gain=job.plan.min_gain)
     assert (auto["r_fwd"], auto["r_bwd"], auto["gar_after"]) == (want.r_fwd, want.r_bwd, want.gar_after_s > 0)
     assert auto["name"] in rows and rows[auto["name"]]["auto"] is True and auto["name"].startswith("fsmoe auto r=")
     where = "after the backward" if auto["gar_after"] else "inside the MoE backward"

@@ -53,8 +53,9 @@ def test_auto_row_is_plan_layers_answer(layout: dict[str, int]) -> None:
     job, costs = _job(**layout), synthetic_costs()
     auto = plan_auto(job, costs)
     t_gar = costs.op("gar", busy=True)(gar_bytes(job))
-    want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=t_gar,
-                      t_gar_after=costs.op("gar")(gar_bytes(job)), max_degree=job.plan.max_degree)
+    idle = costs.op("gar")(gar_bytes(job))  # the slice's time alone: its rate-model duration per pair
+    want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=t_gar, t_gar_after=idle,
+                      t_gar_idle=idle, max_degree=job.plan.max_degree)
     assert (auto.impl.r_fwd, auto.impl.r_bwd) == (want.r_fwd, want.r_bwd)
     assert auto.plan == want and auto.t_gar_s == t_gar == gar_time(job, costs)
     assert gar_bytes(job) == int(0.25 * 2**20)  # the quick preset's dense_grad_mb, fp32
