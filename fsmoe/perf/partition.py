@@ -9,12 +9,14 @@ range launched at a slot occupies the inter-node link (one FIFO, like the runtim
 
 * ``moe:i`` (schedules with ``gar_in_moe``): the range is MoE layer i's ``gar`` task; the layer's
   backward then takes max(A, B + t_gar) at its best degree pair (:class:`fsmoe.perf.model.GarResponse`,
-  exact for the played schedule), so r_bwd is re-solved with the layer's t_gar;
+  exact for the played schedule), t_gar the range's duration beside that pair's compute
+  (:meth:`~fsmoe.perf.model.GarResponse.slice_s`: between its idle and busy lines), so r_bwd is
+  re-solved with the layer's slice;
 * ``dense:i``: the range starts when the link is free and overlaps the dense backward up to the next
   MoE layer, which waits for the link if the range is still running (its first AlltoAll needs it);
 * ``tail``: what is left is all-reduced after the backward, exposed.
 
-Ranges inside the backward overlap compute and use the ``gar`` busy line, the tail the idle line; a
+Ranges inside the backward overlap compute (busy line while it runs beside them), the tail the idle line; a
 ``dense:i`` range that outlasts the compute beside it (up to the next link user) runs at the busy rate
 while that compute runs and at the idle rate after it (the profile's rate model,
 :func:`fsmoe.perf.fit.slowdown`). Charged the busy line throughout, a 3.2 MB range of the d = 256 model of
