@@ -732,12 +732,8 @@ class GarResponse:
         along: the rate model (:func:`rate_duration`) — full speed for ``lead_s``, t_idle/t_busy of it
         beside the compute after that (``beside_s``, σ× longer while the slice slows it: ``cover_s``),
         full speed after."""
-        if t_idle <= self.lead_s:
-            return t_idle
-        kappa = max(t_busy, t_idle) / t_idle
-        rest = t_idle - self.lead_s
-        beside = min(rest * kappa, self.overlap_s)  # compute-overlapped seconds of the slice
-        return self.lead_s + beside + rest - beside / kappa
+        return float(slice_durations(np.float64(t_idle), np.float64(t_busy), np.float64(self.lead_s),
+                                     np.float64(self.overlap_s)))
 
     @property
     def overlap_s(self) -> float:
@@ -774,10 +770,8 @@ def gar_response(spec: ScheduleSpec, work: LayerWork, costs: Costs, r: int) -> G
     later = [s for s in base.spans if s.lane == "compute" and s.end_s > start]
     lead = max(min((s.start_s for s in later), default=start) - start, 0.0)
     after = sum(s.end_s - max(s.start_s, start) for s in later)
-    if sigma > 1.0:
-        return GarResponse(a_s=base.makespan_s, b_s=through.makespan_s - big, slow=1.0 - 1.0 / sigma, lead_s=lead,
-                           cover_s=sigma * after, beside_s=after)
-    return GarResponse(a_s=base.makespan_s, b_s=through.makespan_s - big, lead_s=lead, beside_s=after)
+    return GarResponse(a_s=base.makespan_s, b_s=through.makespan_s - big, slow=1.0 - 1.0 / sigma, lead_s=lead,
+                       cover_s=sigma * after if sigma > 1.0 else 0.0, beside_s=after)
 
 
 def degrees_up_to(max_degree: int) -> tuple[int, ...]:

@@ -239,16 +239,6 @@ class StepModel:
         pieces = np.ceil(amount / chunk) if chunk else 1.0
         return np.where(comm > 0, line.alpha_s * pieces + line.beta_s * comm, 0.0)
 
-    def _beside_dense(self, pos: np.ndarray, amount: np.ndarray, window: np.ndarray) -> np.ndarray:
-        """Link time of a range beside ``window`` seconds of dense backward (then nothing: the next MoE
-        layer waits for the link): at the busy line while the compute runs, at the idle line after it —
-        the rate model of :func:`fsmoe.perf.fit.slowdown`, progress at idle/busy of full speed for the
-        window, then full speed. A range within the window costs its busy time."""
-        busy = self._cost(pos, amount, self.busy, self.chunk)
-        idle = self._cost(pos, amount, self.idle, self.chunk)
-        past = window + idle - window * idle / np.where(busy > 0, busy, 1.0)
-        return np.where(busy <= window, busy, past)
-
     def _take(self, s: int, pos: np.ndarray, budget: np.ndarray | None, fixed: np.ndarray | None) -> np.ndarray:
         room = np.maximum(self.stream.ready[s] - pos, 0.0)
         if fixed is not None:
@@ -307,7 +297,10 @@ class StepModel:
                     start = np.maximum(link, t)
                     budget = None if fixed is not None else t + self.gap[j] - start
                     amounts[:, s] = self._take(s, pos, budget, fixed)
-                    cost = self._beside_dense(pos, amounts[:, s], np.maximum(t + self.gap[j] - start, 0.0))
+                    # the rate model beside the compute left before the next link user, idle after it
+                    cost = slice_durations(self._cost(pos, amounts[:, s], self.idle, self.chunk),
+                                           self._cost(pos, amounts[:, s], self.busy, self.chunk), 0.0,
+                                           np.maximum(t + self.gap[j] - start, 0.0))
                     pos = pos + amounts[:, s]
                     link = np.where(cost > 0, start + cost, link)
                 t = self._compute(t, self.attn_bwd[j], link)

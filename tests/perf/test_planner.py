@@ -315,11 +315,11 @@ def test_gar_slice_duration_by_hand() -> None:
     assert GarResponse(a_s=5.0, b_s=1.0).slice_s(1.0, 10.0) == 1.0
     slowing = GarResponse(a_s=5.0, b_s=1.0, slow=0.5, lead_s=0.5, cover_s=4.0, beside_s=2.0)  # σ = 2
     assert slowing.overlap_s == 4.0 and slowing.slice_s(6.4, 19.2) == pytest.approx(0.5 + 4.0 + 5.9 - 4.0 / 3)
+    # batched, the same cases (and nothing to send: 0)
     cases = [(6.4, 19.2, 0.5, 2.0), (0.4, 1.2, 0.5, 2.0), (1.0, 2.0, 0.5, 2.0), (1.0, 10.0, 0.0, 0.0),
              (6.4, 19.2, 0.5, 4.0), (0.0, 0.0, 0.0, 1.0)]
     got = slice_durations(*(np.array(col) for col in zip(*cases, strict=True)))
-    want = [GarResponse(a_s=0.0, b_s=0.0, lead_s=lead, beside_s=over).slice_s(ti, tb) for ti, tb, lead, over in cases]
-    assert got.tolist() == pytest.approx(want)
+    assert got.tolist() == pytest.approx([0.5 + 2.0 + 5.9 - 2.0 / 3, 0.4, 1.5, 1.0, 0.5 + 4.0 + 5.9 - 4.0 / 3, 0.0])
 
 
 def test_step_walk_moe_slice_at_its_rate_model_duration() -> None:
