@@ -11,6 +11,7 @@ operation alone against its profiled line). What each column means: :mod:`fsmoe.
     python benchmarks/planner_accuracy.py --quick        # 3 tiny configurations, about 30 s
     python benchmarks/planner_accuracy.py --launcher local --quick   # no namespaces: loopback, unshaped
     python benchmarks/planner_accuracy.py --show bench_results/planner_accuracy/planner_accuracy.json
+    python benchmarks/planner_accuracy.py --schedules sequential fsmoe --reps 40   # fewer rows, less noise
 
 Profiles are cached (the ``plan`` section's cache; ``--reprofile`` measures again), so a rerun skips them.
 
@@ -39,6 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", metavar="NAME", help="run only these configurations (by name)")
     p.add_argument("--launcher", choices=("emulated", "local", "auto"), help="default: emulated")
     p.add_argument("--reps", type=int, help="timed rounds per configuration")
+    p.add_argument("--schedules", nargs="+", metavar="NAME",
+                   help="the rows' schedules (default: sequential tutel fsmoe_no_iio fsmoe; sequential and fsmoe "
+                        "always): fewer rows, more rounds in the same time")
     p.add_argument("--profile-budget", type=float, help="seconds each configuration's profile may take")
     p.add_argument("--profile-cache", help="directory of cached profiles (default: the plan section's)")
     p.add_argument("--reprofile", action="store_true", help="profile again even when a cached profile matches")
@@ -61,10 +65,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if missing:
             sys.exit(f"unknown configurations {missing}; choose from {', '.join(known)}")
         cases = tuple(known[n] for n in args.cases)
-    changes = {"launcher": args.launcher, "reps": args.reps, "profile_budget_s": args.profile_budget,
+    changes = {"launcher": args.launcher, "reps": args.reps,
+               "schedules": tuple(args.schedules) if args.schedules else None, "profile_budget_s": args.profile_budget,
                "profile_cache": args.profile_cache, "out": args.out}
-    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None},
-                                   reprofile=args.reprofile or settings.reprofile)
+    try:
+        settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None},
+                                       reprofile=args.reprofile or settings.reprofile)
+    except ValueError as e:
+        sys.exit(str(e))
     return accuracy.run_planner_accuracy(cases, settings)
 
 

@@ -20,6 +20,13 @@ pairs) plus the ``fsmoe auto`` row, without DeepSpeed-MoE and without the memory
   included) — the planner's (r_fwd, r_bwd) is "within 5%" when ≤ 1.05; ``twin_over_auto``: the grid row at
   the same degrees (when the grid has it) over the auto row, the noise between two runs of the same thing.
 * ``auto_over_sequential``: measured; the issue's target is ≤ 1.02.
+* Noise (:func:`ratio_noise`, from the rows' per-round samples; every row runs once in every round):
+  ``auto_over_best_heldout`` picks the best ``fsmoe`` row on half of the rounds and times it and the auto
+  row on the other half (both halves, geometric mean): the minimum over many noisy rows is biased low (the
+  winner's curse), this is not. ``auto_over_best_ci`` (of the held-out ratio) and ``auto_over_sequential_ci``:
+  90% bootstrap intervals (rounds resampled, the same rounds for every row). ``best_verdict`` (held-out;
+  raw with a single round) and ``sequential_verdict``: ``met`` at or under the target, ``missed`` when the
+  whole interval is above it, ``noise`` in between.
 * ``solve_ms_rank``: :func:`fsmoe.perf.planner.plan_layer`'s wall time on rank 0 during the run (the other
   ranks solve at the same time on the shared cores); ``solve_ms_alone``: the median of
   :data:`RESOLVE_TIMES` re-solves from the same costs in this process (and whether they agree).
@@ -39,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fsmoe.bench.layer import check_layer_job, layer_impls, run_layer_bench
 from fsmoe.bench.layer_predict import bench_work, gar_bytes, plan_auto, relative_error
 from fsmoe.bench.report import Table, env_info, write_json
@@ -50,6 +59,8 @@ VS_SEQUENTIAL = 1.02  # fsmoe auto never more than 2% slower than sequential
 TARGET_ERROR = 0.10  # median |error|
 TARGET_SOLVE_MS = 20.0  # per layer
 RESOLVE_TIMES = 5
+BOOTSTRAP = 2000  # resamples of the rounds for the intervals of :func:`ratio_noise`
+CI = 0.90  # their coverage
 BUSY_MACHINE = 0.10  # share of the CPU outside our ranks above which a case's times are suspect
 SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")
 
@@ -105,7 +116,8 @@ QUICK_CASES: tuple[AccuracyCase, ...] = (
 class AccuracySettings:
     """How every case runs: ``launcher`` (``emulated`` needs root; ``local`` is loopback, unshaped),
     ``nproc`` ranks of ``procs_per_node``, ``warmup`` + ``reps`` rounds, the degree grid, the profile's
-    budget and cache (None: the ``plan`` section's default), ``reprofile``, results under ``out``."""
+    budget and cache (None: the ``plan`` section's default), ``reprofile``, results under ``out``;
+    ``schedules`` the rows' schedules (``fsmoe`` and ``sequential`` always: the targets compare them)."""
 
     launcher: str = "emulated"
     nproc: int = 4
@@ -120,6 +132,13 @@ class AccuracySettings:
     reprofile: bool = False
     timeout_s: float = 600.0
     out: str = "bench_results/planner_accuracy"
+    schedules: tuple[str, ...] = SCHEDULES
+
+    def __post_init__(self) -> None:
+        missing = [name for name in ("sequential", "fsmoe") if name not in self.schedules]
+        if missing:
+            raise ValueError(f"planner accuracy: schedules {list(self.schedules)} lack {missing}; the targets "
+                             "compare the fsmoe auto row with the fsmoe grid and with sequential")
 
 
 QUICK_SETTINGS = AccuracySettings(reps=1, warmup=1, degrees=(1, 2), mixed_degrees=((1, 2),), dense_grad_mb=0.125,
@@ -131,7 +150,7 @@ def case_job(c: AccuracyCase, settings: AccuracySettings) -> JobConfig:
     s = settings
     keys: dict[str, Any] = {
         "parallel.nproc": s.nproc, "parallel.procs_per_node": s.procs_per_node, "parallel.ep": s.nproc,
-        "parallel.esp": 1, "cluster.launcher": s.launcher, "bench.schedules": SCHEDULES, "bench.degrees": s.degrees,
+        "parallel.esp": 1, "cluster.launcher": s.launcher, "bench.schedules": s.schedules, "bench.degrees": s.degrees,
         "bench.mixed_degrees": s.mixed_degrees, "bench.deepspeed": False, "bench.memory": False, "bench.reps": s.reps,
         "bench.warmup": s.warmup, "bench.dense_grad_mb": s.dense_grad_mb, "bench.timeout_s": s.timeout_s,
         "plan.profile_budget_s": s.profile_budget_s, "plan.reprofile": s.reprofile,
@@ -166,6 +185,62 @@ def probe_predictions(job: JobConfig, costs: Costs) -> dict[str, float]:
 
 def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def _heldout_logs(rows: np.ndarray, rounds: np.ndarray) -> np.ndarray:
+    """log(row 0 / best candidate) per resample: ``rounds`` (resamples × n) of the round indices, the best
+    of ``rows[1:]`` chosen by the median over the even positions and all timed over the odd ones, then
+    the other way round; the mean of the two logs."""
+    out = np.zeros(rounds.shape[0])
+    halves = (rounds[:, 0::2], rounds[:, 1::2])
+    for pick, judge in (halves, halves[::-1]):
+        best = 1 + np.argmin(np.median(rows[1:][:, pick], axis=-1), axis=0)  # per resample
+        timed = np.median(rows[:, judge], axis=-1)  # rows × resamples
+        out += np.log(timed[0] / timed[best, np.arange(rounds.shape[0])]) / 2
+    return out
+
+
+def heldout_over_best(auto: Sequence[float], candidates: Sequence[Sequence[float]]) -> float:
+    """``auto``'s time over the best candidate's, the best chosen on the even rounds and both timed on the
+    odd ones, then the other way round; the geometric mean of the two ratios. Unlike the best median over
+    all rounds it is not biased low by the choice (the rows' samples are per round, aligned)."""
+    rows = np.asarray([auto, *candidates], dtype=float)
+    if rows.shape[1] < 2:
+        raise ValueError(f"heldout_over_best: need at least 2 rounds, got {rows.shape[1]}")
+    return float(np.exp(_heldout_logs(rows, np.arange(rows.shape[1])[None, :])[0]))
+
+
+def _resampled(n: int, resamples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def heldout_noise(auto: Sequence[float], candidates: Sequence[Sequence[float]], *, resamples: int = BOOTSTRAP,
+                  ci: float = CI, seed: int = 0) -> tuple[float, float]:
+    """A ``ci`` bootstrap interval of :func:`heldout_over_best`: the rounds resampled with replacement (the
+    same rounds for every row, as they ran), ``resamples`` times; deterministic."""
+    rows = np.asarray([auto, *candidates], dtype=float)
+    ratios = np.exp(_heldout_logs(rows, _resampled(rows.shape[1], resamples, seed)))
+    lo, hi = np.quantile(ratios, [(1 - ci) / 2, (1 + ci) / 2])
+    return float(lo), float(hi)
+
+
+def ratio_noise(num: Sequence[float], den: Sequence[float], *, resamples: int = BOOTSTRAP, ci: float = CI,
+                seed: int = 0) -> tuple[float, float]:
+    """A ``ci`` bootstrap interval of median(num) / median(den), the rounds resampled as in
+    :func:`heldout_noise`."""
+    rows = np.asarray([num, den], dtype=float)
+    med = np.median(rows[:, _resampled(rows.shape[1], resamples, seed)], axis=-1)
+    lo, hi = np.quantile(med[0] / med[1], [(1 - ci) / 2, (1 + ci) / 2])
+    return float(lo), float(hi)
+
+
+def verdict(ratio: float | None, interval: tuple[float, float] | None, target: float) -> str | None:
+    """``met`` (ratio ≤ target), ``noise`` (above, but the interval reaches it) or ``missed``."""
+    if ratio is None:
+        return None
+    if ratio <= target:
+        return "met"
+    return "noise" if interval is not None and interval[0] <= target else "missed"
 
 
 def case_record(c: AccuracyCase, job: JobConfig, payload: dict[str, Any], *, resolve: bool = True) -> dict[str, Any]:
@@ -218,6 +293,7 @@ def case_record(c: AccuracyCase, job: JobConfig, payload: dict[str, Any], *, res
     record["within_5pct"] = None if record["auto_over_best"] is None else record["auto_over_best"] <= WITHIN_BEST
     record["auto_ok_vs_sequential"] = (None if record["auto_over_sequential"] is None
                                        else record["auto_over_sequential"] <= VS_SEQUENTIAL)
+    record.update(noise_record(auto_row, fsmoe_rows, seq, record))
     if resolve and auto:
         times, same = [], True
         for _ in range(RESOLVE_TIMES):
@@ -227,6 +303,29 @@ def case_record(c: AccuracyCase, job: JobConfig, payload: dict[str, Any], *, res
         record["solve_ms_alone"] = 1e3 * statistics.median(times)
         record["resolve_same_degrees"] = same
     return record
+
+
+def noise_record(auto_row: dict[str, Any] | None, fsmoe_rows: Sequence[dict[str, Any]],
+                 seq: dict[str, Any] | None, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The noise keys of a case record (module doc) from the rows' per-round samples."""
+    out: dict[str, Any] = {"auto_over_best_heldout": None, "auto_over_best_ci": None, "auto_over_sequential_ci": None}
+    rounds = len(auto_row["samples_s"]) if auto_row and auto_row.get("samples_s") else 0
+    if rounds >= 2 and fsmoe_rows:
+        grid = [r["samples_s"] for r in fsmoe_rows]
+        out["auto_over_best_heldout"] = heldout_over_best(auto_row["samples_s"], grid)
+        out["auto_over_best_ci"] = heldout_noise(auto_row["samples_s"], grid)
+        if seq is not None:
+            out["auto_over_sequential_ci"] = ratio_noise(auto_row["samples_s"], seq["samples_s"])
+    heldout = out["auto_over_best_heldout"]
+    out["best_verdict"] = verdict(record["auto_over_best"] if heldout is None else heldout, out["auto_over_best_ci"],
+                                  WITHIN_BEST)
+    out["sequential_verdict"] = verdict(record["auto_over_sequential"], out["auto_over_sequential_ci"], VS_SEQUENTIAL)
+    return out
+
+
+def _count_within(values: Sequence[float | None], target: float) -> str | None:
+    known = [v for v in values if v is not None]
+    return f"{sum(v <= target for v in known)}/{len(known)}" if known else None
 
 
 def summarize_accuracy(records: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:
@@ -258,6 +357,9 @@ def summarize_accuracy(records: Sequence[dict[str, Any]], wall_s: float) -> dict
                                           if r["sequential_unmodelled"] is not None]),
         "within_5pct": count("within_5pct"),
         "auto_ok_vs_sequential": count("auto_ok_vs_sequential"),
+        "within_5pct_heldout": _count_within([r.get("auto_over_best_heldout") for r in records], WITHIN_BEST),
+        "best_missed": [r["name"] for r in records if r.get("best_verdict") == "missed"],
+        "sequential_missed": [r["name"] for r in records if r.get("sequential_verdict") == "missed"],
         # the same degrees measured twice in one run (the grid row and the auto row): the noise floor that
         # "within 5% of the best" is judged against
         "twin_noise_median": _median(twins),
@@ -285,10 +387,15 @@ def _x(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _ci(interval: Sequence[float] | None) -> str:
+    return "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
+
+
 def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     """One row per case, then the summary lines."""
     table = Table(["config", "T", "D", "H", "E", "k", "EPxESP", "link", "C", "med|err|", "r=1", "piped",
-                   "planner r", "best fsmoe", "auto/best", "twin/auto", "auto/seq", "solve ms", "alone ms",
+                   "planner r", "best fsmoe", "auto/best", "90% ci", "held-out", "twin/auto", "auto/seq", "90% ci",
+                   "solve ms", "alone ms",
                    "profile s", "other load"])
     for r in records:
         cfg, auto, prof = r["config"], r["auto"] or {}, r["profile"] or {}
@@ -299,7 +406,8 @@ def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) 
                    f"{cfg['ep']}x{cfg['esp']}", cfg["link"], cfg["capacity"], _pct(r["median_abs_error"]),
                    _pct(r["median_abs_error_r1"]), _pct(r["median_abs_error_pipelined"]),
                    f"{auto.get('r_fwd', '-')}/{auto.get('r_bwd', '-')}", best, _x(r["auto_over_best"]),
-                   _x(r["twin_over_auto"]), _x(r["auto_over_sequential"]),
+                   _ci(r.get("auto_over_best_ci")), _x(r.get("auto_over_best_heldout")), _x(r["twin_over_auto"]),
+                   _x(r["auto_over_sequential"]), _ci(r.get("auto_over_sequential_ci")),
                    "-" if r["solve_ms_rank"] is None else f"{r['solve_ms_rank']:.1f}",
                    "-" if r.get("solve_ms_alone") is None else f"{r['solve_ms_alone']:.1f}", prof_s,
                    _pct(r.get("other_load_share"))])
@@ -316,6 +424,11 @@ def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) 
              f"{TARGET_SOLVE_MS:g} ms); wall {s['wall_s']:.0f} s",
              f"where the error comes from: each operation alone vs its profiled line (median over configs): {probes}; "
              f"sequential row / sum of its operations timed alone: {_x(s['sequential_unmodelled'])}x"]
+    if s.get("within_5pct_heldout") is not None:
+        lines.append(f"noise: planner within 5% of the best row chosen on half the rounds and timed on the other half "
+                     f"in {s['within_5pct_heldout']}; beyond the 90% interval of the noise (whole interval above "
+                     f"the target): within 5% missed in {_names(s['best_missed'])}, <= {VS_SEQUENTIAL:g}x sequential "
+                     f"missed in {_names(s['sequential_missed'])}")
     if s.get("twin_noise_configs"):
         lines.append(f"run-to-run noise: where the planner's degrees are also a grid row, the two measurements of the "
                      f"same thing differ by {_pct(s['twin_noise_median'])} (median; max {_pct(s['twin_noise_max'])}, "
@@ -326,11 +439,34 @@ def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) 
     return "\n".join(lines)
 
 
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def recompute_record(record: dict[str, Any], case_dir: Path) -> dict[str, Any]:
+    """``record`` derived again with this version's :func:`case_record` from the case's saved ``layer.json``
+    and ``job.toml`` (the solve times re-measured at the time are kept)."""
+    from fsmoe.config.files import load_toml
+
+    payload = json.loads((case_dir / "layer.json").read_text())
+    job = load_toml(case_dir / "job.toml", layer_bench_recipe())
+    again = case_record(AccuracyCase(name=record["name"], overrides=record.get("overrides", {})), job, payload,
+                        resolve=False)
+    return {**again, **{k: record[k] for k in ("solve_ms_alone", "resolve_same_degrees") if k in record}}
+
+
 def show_planner_accuracy(path: str | Path) -> str:
-    """The table and summary of a saved ``planner_accuracy.json`` (re-summarised with this version's
-    :func:`summarize_accuracy`, keeping its wall time)."""
-    data = json.loads(Path(path).read_text())
-    return format_accuracy(data["cases"], summarize_accuracy(data["cases"], data["summary"]["wall_s"]))
+    """The table and summary of a saved ``planner_accuracy.json``, re-summarised with this version's
+    :func:`summarize_accuracy` (keeping its wall time); each case derived again from its saved run
+    (:func:`recompute_record`) where ``cases/<name>/`` beside it still holds one."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    records = []
+    for r in data["cases"]:
+        case_dir = path.parent / "cases" / _slug(r["name"])
+        found = (case_dir / "layer.json").is_file() and (case_dir / "job.toml").is_file()
+        records.append(recompute_record(r, case_dir) if found else r)
+    return format_accuracy(records, summarize_accuracy(records, data["summary"]["wall_s"]))
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -368,5 +504,6 @@ def run_planner_accuracy(cases: Sequence[AccuracyCase], settings: AccuracySettin
 
 
 __all__ = ["AccuracyCase", "AccuracySettings", "DEFAULT_CASES", "QUICK_CASES", "QUICK_SETTINGS", "case",
+           "heldout_noise", "heldout_over_best", "noise_record", "ratio_noise", "recompute_record", "verdict",
            "case_job", "case_record", "format_accuracy", "probe_predictions", "run_planner_accuracy",
            "show_planner_accuracy", "summarize_accuracy"]

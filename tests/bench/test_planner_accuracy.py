@@ -1,6 +1,7 @@
 """``benchmarks/planner_accuracy.py``'s function: the cases and their jobs, and one tiny case run on 2
 plain-loopback ranks (no namespaces) whose record is checked for structure and for values derived from
-its own layer payload. No timing is asserted."""
+its own layer payload, and the statistics behind the per-config verdicts on synthetic samples. No timing is
+asserted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fsmoe.bench.layer import check_layer_job
@@ -18,8 +20,13 @@ from fsmoe.bench.planner import (
     AccuracySettings,
     case,
     case_job,
+    heldout_noise,
+    heldout_over_best,
+    noise_record,
+    ratio_noise,
     run_planner_accuracy,
     show_planner_accuracy,
+    verdict,
 )
 
 
@@ -68,3 +75,69 @@ def test_one_tiny_case_on_two_loopback_ranks(tmp_path: Path) -> None:
     printed = "\n".join(lines)
     assert "summary: 1 configs; median |error|" in printed and "auto/best" in printed
     assert show_planner_accuracy(tmp_path / "planner_accuracy.json") in printed  # a saved run, printed again
+    saved = json.loads((tmp_path / "planner_accuracy.json").read_text())
+    for key in ("auto_over_best", "rows", "best_verdict"):  # a record of an older version: derived again
+        del saved["cases"][0][key]
+    (tmp_path / "planner_accuracy.json").write_text(json.dumps(saved))
+    assert show_planner_accuracy(tmp_path / "planner_accuracy.json") in printed
+
+
+# --- the noise of the per-config verdicts (pure) ---------------------------------------------------------------
+def test_heldout_ratio_times_the_choice_on_other_rounds() -> None:
+    best, worse = [1.0] * 6, [1.3] * 6
+    assert heldout_over_best([1.1] * 6, [worse, best]) == pytest.approx(1.1)
+    assert heldout_over_best(best, [worse, best]) == pytest.approx(1.0)
+    # the best on the even rounds is not the best on the odd ones: each half is judged by the other's choice
+    a = [1.0, 2.0, 1.0, 2.0]
+    b = [2.0, 1.0, 2.0, 1.0]
+    assert heldout_over_best([1.5] * 4, [a, b]) == pytest.approx(1.5 / 2.0)
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        heldout_over_best([1.0], [[1.0]])
+
+
+def test_heldout_ratio_removes_the_winners_curse_of_the_raw_minimum() -> None:
+    rng = np.random.default_rng(7)
+    raw, held = [], []
+    for _ in range(300):  # auto and 8 grid rows of the same true time, 10 noisy rounds each
+        rows = np.exp(rng.normal(0.0, 0.08, size=(9, 10)))
+        auto, grid = rows[0], rows[1:]
+        raw.append(np.log(np.median(auto) / np.median(grid, axis=1).min()))
+        held.append(np.log(heldout_over_best(auto, grid)))
+    assert np.mean(raw) > 0.03  # the minimum of 8 noisy medians sits well below the true time
+    assert abs(np.mean(held)) < 0.01
+
+
+def test_bootstrap_intervals_cover_the_ratio_and_collapse_without_noise() -> None:
+    assert ratio_noise([2.0] * 5, [1.0] * 5) == pytest.approx((2.0, 2.0))
+    assert heldout_noise([1.2] * 6, [[1.0] * 6, [1.5] * 6]) == pytest.approx((1.2, 1.2))
+    rng = np.random.default_rng(3)
+    num, den = np.exp(rng.normal(0.1, 0.1, 12)), np.exp(rng.normal(0.0, 0.1, 12))
+    lo, hi = ratio_noise(num, den)
+    assert lo < np.median(num) / np.median(den) < hi and hi - lo > 0.02
+    assert ratio_noise(num, den) == (lo, hi)  # deterministic
+    grid = np.exp(rng.normal(0.0, 0.1, (4, 12)))
+    lo, hi = heldout_noise(num, grid)
+    assert lo < heldout_over_best(num, grid) < hi
+
+
+def test_verdict_and_the_noise_keys_of_a_record() -> None:
+    assert verdict(1.04, (1.0, 1.1), 1.05) == "met"
+    assert verdict(1.08, (1.03, 1.12), 1.05) == "noise"
+    assert verdict(1.08, (1.06, 1.12), 1.05) == "missed"
+    assert verdict(None, None, 1.05) is None
+    auto = {"samples_s": [1.3] * 4}
+    grid = [auto, {"samples_s": [1.0] * 4}, {"samples_s": [1.6] * 4}]
+    seq = {"samples_s": [1.25] * 4}
+    out = noise_record(auto, grid, seq, {"auto_over_best": 1.3, "auto_over_sequential": 1.04})
+    assert out["auto_over_best_heldout"] == pytest.approx(1.3) and out["best_verdict"] == "missed"
+    assert out["auto_over_sequential_ci"] == pytest.approx((1.04, 1.04)) and out["sequential_verdict"] == "missed"
+    one_round = noise_record({"samples_s": [1.0]}, [{"samples_s": [1.0]}], seq,
+                             {"auto_over_best": 1.0, "auto_over_sequential": 0.9})
+    assert one_round["auto_over_best_heldout"] is None and one_round["best_verdict"] == "met"
+
+
+def test_settings_keep_the_rows_the_targets_compare() -> None:
+    assert case_job(DEFAULT_CASES[0], AccuracySettings(schedules=("sequential", "fsmoe"))).bench.schedules == (
+        "sequential", "fsmoe")
+    with pytest.raises(ValueError, match=r"lack \['sequential'\]"):
+        AccuracySettings(schedules=("tutel", "fsmoe"))
