@@ -20,7 +20,7 @@ pairs) plus the ``fsmoe auto`` row, without DeepSpeed-MoE and without the memory
   included) — the planner's (r_fwd, r_bwd) is "within 5%" when ≤ 1.05; ``twin_over_auto``: the grid row at
   the same degrees (when the grid has it) over the auto row, the noise between two runs of the same thing.
 * ``auto_over_sequential``: measured; the issue's target is ≤ 1.02.
-* Noise (:func:`ratio_noise`, from the rows' per-round samples; every row runs once in every round):
+* Noise (:func:`noise_record`, from the rows' per-round samples; every row runs once in every round):
   ``auto_over_best_heldout`` picks the best ``fsmoe`` row on half of the rounds and times it and the auto
   row on the other half (both halves, geometric mean): the minimum over many noisy rows is biased low (the
   winner's curse), this is not. ``auto_over_best_ci`` (of the held-out ratio) and ``auto_over_sequential_ci``:
@@ -52,6 +52,7 @@ from fsmoe.bench.layer import check_layer_job, layer_impls, run_layer_bench
 from fsmoe.bench.layer_predict import bench_work, gar_bytes, plan_auto, relative_error
 from fsmoe.bench.report import Table, env_info, write_json
 from fsmoe.config import JobConfig, layer_bench_recipe
+from fsmoe.config.files import load_toml
 from fsmoe.perf.costs import Costs
 
 WITHIN_BEST = 1.05  # the planner's pair within 5% of the measured best fsmoe row
@@ -59,7 +60,7 @@ VS_SEQUENTIAL = 1.02  # fsmoe auto never more than 2% slower than sequential
 TARGET_ERROR = 0.10  # median |error|
 TARGET_SOLVE_MS = 20.0  # per layer
 RESOLVE_TIMES = 5
-BOOTSTRAP = 2000  # resamples of the rounds for the intervals of :func:`ratio_noise`
+BOOTSTRAP = 2000  # resamples of the rounds for the intervals (:func:`heldout_noise`, :func:`ratio_noise`)
 CI = 0.90  # their coverage
 BUSY_MACHINE = 0.10  # share of the CPU outside our ranks above which a case's times are suspect
 SCHEDULES = ("sequential", "tutel", "fsmoe_no_iio", "fsmoe")
@@ -446,8 +447,6 @@ def _names(names: Sequence[str]) -> str:
 def recompute_record(record: dict[str, Any], case_dir: Path) -> dict[str, Any]:
     """``record`` derived again with this version's :func:`case_record` from the case's saved ``layer.json``
     and ``job.toml`` (the solve times re-measured at the time are kept)."""
-    from fsmoe.config.files import load_toml
-
     payload = json.loads((case_dir / "layer.json").read_text())
     job = load_toml(case_dir / "job.toml", layer_bench_recipe())
     again = case_record(AccuracyCase(name=record["name"], overrides=record.get("overrides", {})), job, payload,
