@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-budget", type=float, help="seconds each configuration's profile may take")
     p.add_argument("--profile-cache", help="directory of cached profiles (default: the plan section's)")
     p.add_argument("--reprofile", action="store_true", help="profile again even when a cached profile matches")
+    p.add_argument("--tune", type=int, help="degree pairs the measured check times (1: none; default: the plan "
+                   "section's)")
+    p.add_argument("--tune-rounds", type=int, help="rounds per candidate of the measured check")
     p.add_argument("--out", help="results directory")
     p.add_argument("--show", metavar="JSON", help="only print the table of a saved planner_accuracy.json")
     return p.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cases = tuple(known[n] for n in args.cases)
     changes = {"launcher": args.launcher, "reps": args.reps,
                "schedules": tuple(args.schedules) if args.schedules else None, "profile_budget_s": args.profile_budget,
-               "profile_cache": args.profile_cache, "out": args.out}
+               "profile_cache": args.profile_cache, "out": args.out, "tune": args.tune, "tune_rounds": args.tune_rounds}
     try:
         settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None},
                                        reprofile=args.reprofile or settings.reprofile)

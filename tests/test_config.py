@@ -190,6 +190,7 @@ def test_model_preset_then_overrides() -> None:
         ("[train\n", "is not valid TOML"),
         ("[parallel]\nnproc = 4\nep = 3\n", r"ep\*esp must divide world_size, got ep=3"),
         ("[plan]\nmin_gain = 1.5\n", r"min_gain must be in \[0, 1\), got 1.5"),
+        ("[plan]\ntune = 0\n", "tune must be an int >= 1, got 0"),
     ],
 )
 def test_malformed_config_files_are_named(tmp_path: Path, text: str, message: str) -> None:

@@ -9,13 +9,16 @@ data-parallel, ``mp`` = 1) on ``cluster`` (emulated nodes of ``parallel.ppn`` ra
 ``cluster.link``); the rows every schedule in ``bench.schedules`` at every degree in ``bench.degrees``
 (``sequential`` once, unpipelined), plus the ``bench.mixed_degrees`` pairs for ``fsmoe``, and
 DeepSpeed-MoE when ``bench.deepspeed`` (:func:`layer_impls`); with ``fsmoe`` among the schedules, the
-``fsmoe auto`` row at the planner's degrees. :func:`check_layer_job` refuses what this benchmark cannot
-run; :func:`quick_layer_job` is ``--quick``.
+``fsmoe auto`` row at the planner's degrees, after the measured check (:func:`tune_auto`: the model's first
+``plan.tune`` degree pairs timed for ``plan.tune_rounds`` rounds, the fastest kept; when it is not the
+model's choice, that choice is timed as a row of its own beside it). :func:`check_layer_job` refuses what
+this benchmark cannot run; :func:`quick_layer_job` is ``--quick``.
 
 :func:`run_layer_bench` runs :func:`layer_bench_rank` on every rank (:mod:`fsmoe.bench.harness`). One
 rank builds the groups (two channels), loads or profiles the job's costs and plans the ``fsmoe auto``
-row (:mod:`fsmoe.bench.layer_predict`), builds the shared layer, one :class:`Step` per implementation and
-the lower bound's probes (:class:`Probe`), times them in interleaved rounds, then (``bench.memory``)
+row (:mod:`fsmoe.bench.layer_predict`), builds the shared layer, checks the plan by measurement, builds
+one :class:`Step` per implementation and the lower bound's probes (:class:`Probe`), times them in
+interleaved rounds, then (``bench.memory``)
 measures each step's peak memory and (``run.trace``) traces the fastest ``fsmoe`` step — or every step
 with ``bench.trace_all`` — with the model's timeline of that row beside it. Every row of ours gets its
 predicted time beside the measured one. What the numbers mean: :mod:`fsmoe.bench.layer_report`.
@@ -41,13 +44,30 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from fsmoe.bench.harness import DEEPSPEED, RoundTimes, memory_pass, rank_threads, run_on_ranks, timed_rounds
-from fsmoe.bench.layer_predict import AUTO_SCHEDULE, layer_costs, plan_auto, predicted_trace, with_auto
+from fsmoe.bench.harness import (
+    DEEPSPEED,
+    ImplSpec,
+    RoundTimes,
+    memory_pass,
+    rank_threads,
+    run_on_ranks,
+    timed_rounds,
+)
+from fsmoe.bench.layer_predict import (
+    AUTO_SCHEDULE,
+    AutoPlan,
+    auto_options,
+    layer_costs,
+    plan_auto,
+    predicted_trace,
+    with_auto,
+)
 from fsmoe.bench.layer_report import format_markdown, summarize, write_chart
 from fsmoe.bench.layer_workload import (
     QUICK_LAYER,
@@ -63,6 +83,7 @@ from fsmoe.bench.report import finish_report, write_traces
 from fsmoe.config import JobConfig
 from fsmoe.parallel.dims import ParallelDims, build_groups
 from fsmoe.perf.costs import Costs
+from fsmoe.perf.tune import pick_fastest, tune_candidates
 from fsmoe.schedule.runtime import TraceEvent
 
 
@@ -90,6 +111,30 @@ def _trace(step: Step, rank: int, job: JobConfig, costs: Costs) -> list[TraceEve
     return events + predicted_trace(job, costs, step.spec, events, rank)
 
 
+def tune_auto(auto: AutoPlan, job: JobConfig, costs: Costs, work: LayerWorkload, rank: int,
+              echo: Callable[[str], None] = print) -> AutoPlan:
+    """The measured check of the ``fsmoe auto`` row (:mod:`fsmoe.perf.tune`): the model's first
+    ``plan.tune`` degree pairs (and the plan's degrees with the GAR in its other place), one warm-up and
+    ``plan.tune_rounds`` interleaved rounds each on this layer, the fastest median kept. Collective;
+    every rank picks the same (the slowest rank's times). ``tune`` of the returned plan: what was timed."""
+    t0 = time.perf_counter()
+    chosen = auto.option
+    candidates = tune_candidates(chosen, auto_options(job, costs), job.plan.tune)
+    impls = [ImplSpec(AUTO_SCHEDULE, o.r_fwd, o.r_bwd, gar_after=o.gar_after) for o in candidates]
+    times = timed_rounds([work.step(i) for i in impls], 1, job.plan.tune_rounds, rank)
+    names = [i.name for i in impls]
+    best = candidates[names.index(pick_fastest(times.samples_s, names))]
+    rows = [{"name": n, "r_fwd": o.r_fwd, "r_bwd": o.r_bwd, "gar_after": o.gar_after, "predicted_s": o.predicted_s,
+             "median_s": statistics.median(times.samples_s[n])} for n, o in zip(names, candidates, strict=True)]
+    tune = {"rounds": job.plan.tune_rounds, "candidates": rows, "model": names[0],
+            "picked": names[candidates.index(best)], "wall_s": time.perf_counter() - t0}
+    if rank == 0:
+        echo("[tune] " + ", ".join(f"{r['name']} {1e3 * r['median_s']:.1f} ms" for r in rows)
+             + f" -> {tune['picked']}" + ("" if best is chosen else f" (the model's: {names[0]})"))
+    impl = ImplSpec(AUTO_SCHEDULE, best.r_fwd, best.r_bwd, auto=True, gar_after=best.gar_after)
+    return replace(auto, impl=impl, tune=tune)
+
+
 def layer_bench_rank(rank: int, world_size: int, job: JobConfig) -> LayerRankResult:
     """Run the benchmark of ``job`` on this rank (inside an initialised gloo world of ``world_size``)."""
     start = time.perf_counter()
@@ -99,10 +144,12 @@ def layer_bench_rank(rank: int, world_size: int, job: JobConfig) -> LayerRankRes
     costs = layer_costs(job, groups, rank)  # before any layer is built: the profile has the cores alone
     auto = plan_auto(job, costs) if AUTO_SCHEDULE in job.bench.schedules else None
     work = LayerWorkload(job, groups, rank)
+    if auto is not None and job.plan.tune > 1:
+        auto = tune_auto(auto, job, costs, work, rank)
     capacity = work.capacity()
     steps: list[Step] = []
     skipped: dict[str, str] = {}
-    for impl in with_auto(layer_impls(job), auto.impl if auto else None):
+    for impl in with_auto(layer_impls(job), auto.impl if auto else None, auto.model_impl if auto else None):
         if impl.family == DEEPSPEED:
             from fsmoe.bench.deepspeed_peer import build_deepspeed_step  # that module builds on this one
 
@@ -149,4 +196,5 @@ def run_layer_bench(job: JobConfig, *, echo: Callable[[str], None] = print) -> d
     return finish_report("layer", job, payload, t0, notes, format_markdown, write_chart, echo)
 
 
-__all__ = ["QUICK_LAYER", "check_layer_job", "layer_bench_rank", "layer_impls", "quick_layer_job", "run_layer_bench"]
+__all__ = ["QUICK_LAYER", "check_layer_job", "layer_bench_rank", "layer_impls", "quick_layer_job", "run_layer_bench",
+           "tune_auto"]

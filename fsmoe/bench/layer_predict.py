@@ -13,7 +13,8 @@ On the ranks, before any timing:
   (:func:`fsmoe.perf.model.layer_work` at T = ``bench.tokens``) with the GAR inside its backward
   (busy line: it overlaps the experts), as the ``fsmoe`` rows run it, or after the backward (idle line)
   when the planner finds that faster (``… GAR after``); its wall time is the planner's solve time for
-  one layer.
+  one layer. :func:`auto_options` ranks every option it weighs, for the measured check
+  (:func:`fsmoe.bench.layer.tune_auto`), which may pick another (``AutoPlan.tune``).
 
 Pure, from the costs: :func:`predict_rows` gives every row of ours (DeepSpeed-MoE is not our schedule
 IR) :func:`fsmoe.perf.planner.predict_layer` at the row's degrees — gate + Order + I-Order forward and
@@ -35,7 +36,7 @@ from fsmoe.config import JobConfig, get_schedule
 from fsmoe.parallel.dims import ProcessGroups
 from fsmoe.perf.costs import COLLECTIVES, Costs
 from fsmoe.perf.model import LayerWork, layer_work, padded_for, play_pass
-from fsmoe.perf.planner import LayerPlan, LayerPrediction, plan_layer, predict_layer
+from fsmoe.perf.planner import LayerOption, LayerPlan, LayerPrediction, layer_options, plan_layer, predict_layer
 from fsmoe.schedule.runtime import TraceEvent
 
 AUTO_SCHEDULE = "fsmoe"  # the schedule whose planned row the layer benchmark adds
@@ -85,34 +86,63 @@ class AutoPlan:
     t_gar_s: float
     gar_bytes: int
     solve_s: float
+    tune: dict[str, Any] | None = None  # the measured check (fsmoe.bench.layer.tune_auto), when it ran
+
+    @property
+    def option(self) -> LayerOption:
+        """The plan's choice as one of :func:`auto_options`."""
+        return LayerOption(r_fwd=self.plan.r_fwd, r_bwd=self.plan.r_bwd, gar_after=self.plan.gar_after_s > 0,
+                           predicted_s=self.plan.total_s)
+
+    @property
+    def model_impl(self) -> ImplSpec | None:
+        """The model's choice as a plain row, when the measured check picked another (else None)."""
+        o = self.option
+        if (o.r_fwd, o.r_bwd, o.gar_after) == (self.impl.r_fwd, self.impl.r_bwd, self.impl.gar_after):
+            return None
+        return ImplSpec(AUTO_SCHEDULE, o.r_fwd, o.r_bwd, gar_after=o.gar_after)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.impl.name, "r_fwd": self.impl.r_fwd, "r_bwd": self.impl.r_bwd,
                 "gar_after": self.impl.gar_after,
                 "plan": self.plan.to_dict(), "t_gar_s": self.t_gar_s, "gar_bytes": self.gar_bytes,
-                "solve_s": self.solve_s}
+                "solve_s": self.solve_s, "tune": self.tune}
+
+
+def _gar_args(job: JobConfig, costs: Costs) -> dict[str, float | None]:
+    """The GAR as the ``fsmoe`` rows run it: inside the backward (busy line, its slice by the rate model
+    against the idle one), or after it (idle line)."""
+    n = gar_bytes(job)
+    t_idle = costs.op("gar")(n) if n > 0 else None
+    return {"t_gar": gar_time(job, costs), "t_gar_after": t_idle, "t_gar_idle": t_idle}
 
 
 def plan_auto(job: JobConfig, costs: Costs) -> AutoPlan:
     """Plan the ``fsmoe auto`` row from ``costs`` (pure and deterministic: every rank gets the same)."""
-    t_gar = gar_time(job, costs)
     work = bench_work(job)
     t0 = time.perf_counter()
-    n = gar_bytes(job)
-    t_idle = costs.op("gar")(n) if n > 0 else None
-    plan = plan_layer(AUTO_SCHEDULE, work, costs, t_gar=t_gar, t_gar_after=t_idle, t_gar_idle=t_idle,
-                      max_degree=job.plan.max_degree, min_gain=job.plan.min_gain)
+    args = _gar_args(job, costs)
+    plan = plan_layer(AUTO_SCHEDULE, work, costs, **args, max_degree=job.plan.max_degree,  # type: ignore[arg-type]
+                      min_gain=job.plan.min_gain)
     solve_s = time.perf_counter() - t0
     impl = ImplSpec(AUTO_SCHEDULE, plan.r_fwd, plan.r_bwd, auto=True, gar_after=plan.gar_after_s > 0)
-    return AutoPlan(impl=impl, plan=plan, t_gar_s=t_gar, gar_bytes=gar_bytes(job), solve_s=solve_s)
+    return AutoPlan(impl=impl, plan=plan, t_gar_s=args["t_gar"] or 0.0, gar_bytes=gar_bytes(job), solve_s=solve_s)
 
 
-def with_auto(impls: Sequence[ImplSpec], auto: ImplSpec | None) -> list[ImplSpec]:
-    """``impls`` with the auto row after our rows (before DeepSpeed-MoE)."""
+def auto_options(job: JobConfig, costs: Costs) -> list[LayerOption]:
+    """Every option :func:`plan_auto` weighs, fastest modelled first (:func:`fsmoe.perf.planner.layer_options`)."""
+    return layer_options(AUTO_SCHEDULE, bench_work(job), costs, **_gar_args(job, costs),  # type: ignore[arg-type]
+                         max_degree=job.plan.max_degree)
+
+
+def with_auto(impls: Sequence[ImplSpec], auto: ImplSpec | None, model: ImplSpec | None = None) -> list[ImplSpec]:
+    """``impls`` with the auto row after our rows (before DeepSpeed-MoE); ``model`` (the model's own
+    choice, when the measured check picked another) just before it, unless ``impls`` has it already."""
     if auto is None:
         return list(impls)
     ours = [i for i in impls if i.is_ours]
-    return [*ours, auto, *(i for i in impls if not i.is_ours)]
+    extra = [model] if model is not None and model not in impls else []
+    return [*ours, *extra, auto, *(i for i in impls if not i.is_ours)]
 
 
 # --- pure: predictions -----------------------------------------------------------------------------------------
@@ -177,6 +207,6 @@ def relative_error(predicted: float | None, measured: float | None) -> float | N
     return predicted / measured - 1.0
 
 
-__all__ = ["AUTO_SCHEDULE", "AutoPlan", "LAYER_OPS", "bench_work", "dense_grad_numel", "gar_bytes", "gar_time",
-           "layer_costs", "plan_auto", "predict_impl", "predict_rows", "predicted_trace", "relative_error",
+__all__ = ["AUTO_SCHEDULE", "AutoPlan", "LAYER_OPS", "auto_options", "bench_work", "dense_grad_numel", "gar_bytes",
+           "gar_time", "layer_costs", "plan_auto", "predict_impl", "predict_rows", "predicted_trace", "relative_error",
            "with_auto"]

@@ -237,14 +237,20 @@ def _model_lines(payload: dict[str, Any]) -> list[str]:
                      f"{prof['cache_path']}")
     if auto:
         p = auto["plan"]
-        lines.append(f"fsmoe auto: r_fwd={auto['r_fwd']} r_bwd={auto['r_bwd']} (r* {p['r_star_fwd']:.2f} / "
+        lines.append(f"fsmoe auto, the model's plan: r_fwd={p['r_fwd']} r_bwd={p['r_bwd']} (r* {p['r_star_fwd']:.2f} / "
                      f"{p['r_star_bwd']:.2f}; forward case {p['case_fwd']}: {p['bottleneck_fwd']}; backward case "
                      f"{p['case_bwd']}: {p['bottleneck_bwd']}; GAR {auto['gar_bytes'] / 2**20:.2f} MiB "
                      + (f"after the backward, {1e3 * p['gar_after_s']:.1f} ms exposed: predicted faster than inside"
-                        if auto.get("gar_after")
+                        if p["gar_after_s"] > 0
                         else f"inside the MoE backward, {1e3 * p['gar_s']:.1f} ms beside the experts "
                              f"({1e3 * auto['t_gar_s']:.1f} ms if beside compute all along)")
                      + f"), solved in {1e3 * auto['solve_s']:.1f} ms.")
+        tune = auto.get("tune")
+        if tune:
+            timed = ", ".join(f"{c['name']} {1e3 * c['median_s']:.1f} ms (predicted {1e3 * c['predicted_s']:.1f})"
+                              for c in tune["candidates"])
+            kept = "the model's plan kept" if tune["picked"] == tune["model"] else f"{tune['picked']} picked"
+            lines.append(f"Measured check ({tune['rounds']} rounds each, {tune['wall_s']:.1f} s): {timed}; {kept}.")
     return lines
 
 

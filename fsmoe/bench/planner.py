@@ -27,6 +27,10 @@ pairs) plus the ``fsmoe auto`` row, without DeepSpeed-MoE and without the memory
   90% bootstrap intervals (rounds resampled, the same rounds for every row). ``best_verdict`` (held-out;
   raw with a single round) and ``sequential_verdict``: ``met`` at or under the target, ``missed`` when the
   whole interval is above it, ``noise`` in between.
+* The measured check (:func:`model_record`; the layer benchmark's ``plan.tune``): ``model_pick`` the
+  model's own choice, ``tune_changed`` whether the check moved the auto row off it, and
+  ``model_over_best`` / ``model_over_best_heldout`` that choice's measured row over the best — the
+  planner without the check.
 * ``solve_ms_rank``: :func:`fsmoe.perf.planner.plan_layer`'s wall time on rank 0 during the run (the other
   ranks solve at the same time on the shared cores); ``solve_ms_alone``: the median of
   :data:`RESOLVE_TIMES` re-solves from the same costs in this process (and whether they agree).
@@ -118,7 +122,8 @@ class AccuracySettings:
     """How every case runs: ``launcher`` (``emulated`` needs root; ``local`` is loopback, unshaped),
     ``nproc`` ranks of ``procs_per_node``, ``warmup`` + ``reps`` rounds, the degree grid, the profile's
     budget and cache (None: the ``plan`` section's default), ``reprofile``, results under ``out``;
-    ``schedules`` the rows' schedules (``fsmoe`` and ``sequential`` always: the targets compare them)."""
+    ``schedules`` the rows' schedules (``fsmoe`` and ``sequential`` always: the targets compare them);
+    ``tune`` / ``tune_rounds`` the measured check's (None: the ``plan`` section's; ``tune`` 1: none)."""
 
     launcher: str = "emulated"
     nproc: int = 4
@@ -134,6 +139,8 @@ class AccuracySettings:
     timeout_s: float = 600.0
     out: str = "bench_results/planner_accuracy"
     schedules: tuple[str, ...] = SCHEDULES
+    tune: int | None = None  # the measured check's degree pairs and rounds (None: the plan section's default)
+    tune_rounds: int | None = None
 
     def __post_init__(self) -> None:
         missing = [name for name in ("sequential", "fsmoe") if name not in self.schedules]
@@ -157,8 +164,10 @@ def case_job(c: AccuracyCase, settings: AccuracySettings) -> JobConfig:
         "plan.profile_budget_s": s.profile_budget_s, "plan.reprofile": s.reprofile,
         "run.out": str(Path(s.out) / "cases" / _slug(c.name)),
     }
-    if s.profile_cache is not None:
-        keys["plan.profile_cache"] = s.profile_cache
+    given = {"plan.profile_cache": s.profile_cache, "plan.tune": s.tune, "plan.tune_rounds": s.tune_rounds}
+    for key, value in given.items():
+        if value is not None:
+            keys[key] = value
     if "parallel.esp" in c.overrides and "parallel.ep" not in c.overrides:
         keys["parallel.ep"] = s.nproc // c.overrides["parallel.esp"]
     return layer_bench_recipe().with_overrides({**keys, **c.overrides})
@@ -295,6 +304,7 @@ def case_record(c: AccuracyCase, job: JobConfig, payload: dict[str, Any], *, res
     record["auto_ok_vs_sequential"] = (None if record["auto_over_sequential"] is None
                                        else record["auto_over_sequential"] <= VS_SEQUENTIAL)
     record.update(noise_record(auto_row, fsmoe_rows, seq, record))
+    record.update(model_record(auto, by_name, fsmoe_rows, best))
     if resolve and auto:
         times, same = [], True
         for _ in range(RESOLVE_TIMES):
@@ -321,6 +331,27 @@ def noise_record(auto_row: dict[str, Any] | None, fsmoe_rows: Sequence[dict[str,
     out["best_verdict"] = verdict(record["auto_over_best"] if heldout is None else heldout, out["auto_over_best_ci"],
                                   WITHIN_BEST)
     out["sequential_verdict"] = verdict(record["auto_over_sequential"], out["auto_over_sequential_ci"], VS_SEQUENTIAL)
+    return out
+
+
+def model_record(auto: dict[str, Any] | None, by_name: Mapping[str, dict[str, Any]],
+                 fsmoe_rows: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, Any]:
+    """The model's own choice before the measured check (module doc): its name, whether the check
+    moved the auto row off it, and its measured row over the best (raw and held-out) — the auto row
+    itself when the check kept it (or did not run), else the row the benchmark timed for it."""
+    out: dict[str, Any] = {"model_pick": None, "tune_changed": None, "model_over_best": None,
+                           "model_over_best_heldout": None}
+    if not auto:
+        return out
+    tune = auto.get("tune")
+    changed = bool(tune) and tune["picked"] != tune["model"]
+    out["model_pick"] = tune["model"] if tune else auto["name"].replace(" auto", "")
+    out["tune_changed"] = changed if tune else None
+    row = by_name.get(out["model_pick"]) if changed else by_name.get(auto["name"])
+    if row is not None and best is not None:
+        out["model_over_best"] = row["median_s"] / best["median_s"]
+        if len(row.get("samples_s") or ()) >= 2:
+            out["model_over_best_heldout"] = heldout_over_best(row["samples_s"], [r["samples_s"] for r in fsmoe_rows])
     return out
 
 
@@ -360,6 +391,9 @@ def summarize_accuracy(records: Sequence[dict[str, Any]], wall_s: float) -> dict
         "auto_ok_vs_sequential": count("auto_ok_vs_sequential"),
         "within_5pct_heldout": _count_within([r.get("auto_over_best_heldout") for r in records], WITHIN_BEST),
         "best_missed": [r["name"] for r in records if r.get("best_verdict") == "missed"],
+        "model_within_5pct_heldout": _count_within([r.get("model_over_best_heldout") for r in records], WITHIN_BEST),
+        "tune_changed": [r["name"] for r in records if r.get("tune_changed")],
+        "tuned": sum(r.get("tune_changed") is not None for r in records),
         "sequential_missed": [r["name"] for r in records if r.get("sequential_verdict") == "missed"],
         # the same degrees measured twice in one run (the grid row and the auto row): the noise floor that
         # "within 5% of the best" is judged against
@@ -388,6 +422,13 @@ def _x(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _short(name: str | None) -> str:
+    """A row name without the schedule: ``fsmoe auto r=2/4 GAR after`` → ``2/4 after``."""
+    if not name:
+        return "-"
+    return name.replace("fsmoe ", "").replace("auto ", "").replace("r=", "").replace("GAR after", "after")
+
+
 def _ci(interval: Sequence[float] | None) -> str:
     return "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
 
@@ -395,7 +436,8 @@ def _ci(interval: Sequence[float] | None) -> str:
 def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     """One row per case, then the summary lines."""
     table = Table(["config", "T", "D", "H", "E", "k", "EPxESP", "link", "C", "med|err|", "r=1", "piped",
-                   "planner r", "best fsmoe", "auto/best", "90% ci", "held-out", "twin/auto", "auto/seq", "90% ci",
+                   "model r", "planner r", "best fsmoe", "model/best", "auto/best", "90% ci", "held-out", "twin/auto",
+                   "auto/seq", "90% ci",
                    "solve ms", "alone ms",
                    "profile s", "other load"])
     for r in records:
@@ -406,7 +448,8 @@ def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) 
         table.add([r["name"], cfg["tokens"], cfg["d_model"], cfg["d_hidden"], cfg["experts"], cfg["top_k"],
                    f"{cfg['ep']}x{cfg['esp']}", cfg["link"], cfg["capacity"], _pct(r["median_abs_error"]),
                    _pct(r["median_abs_error_r1"]), _pct(r["median_abs_error_pipelined"]),
-                   f"{auto.get('r_fwd', '-')}/{auto.get('r_bwd', '-')}", best, _x(r["auto_over_best"]),
+                   _short(r.get("model_pick")), _short(auto.get("name")), best, _x(r.get("model_over_best_heldout")),
+                   _x(r["auto_over_best"]),
                    _ci(r.get("auto_over_best_ci")), _x(r.get("auto_over_best_heldout")), _x(r["twin_over_auto"]),
                    _x(r["auto_over_sequential"]), _ci(r.get("auto_over_sequential_ci")),
                    "-" if r["solve_ms_rank"] is None else f"{r['solve_ms_rank']:.1f}",
@@ -430,6 +473,10 @@ def format_accuracy(records: Sequence[dict[str, Any]], summary: dict[str, Any]) 
                      f"in {s['within_5pct_heldout']}; beyond the 90% interval of the noise (whole interval above "
                      f"the target): within 5% missed in {_names(s['best_missed'])}, <= {VS_SEQUENTIAL:g}x sequential "
                      f"missed in {_names(s['sequential_missed'])}")
+    if s.get("tuned"):
+        lines.append(f"measured check: the model's own choice within 5% of the best (held-out) in "
+                     f"{s['model_within_5pct_heldout']}; the check moved the auto row off it in "
+                     f"{len(s['tune_changed'])}/{s['tuned']} ({_names(s['tune_changed'])})")
     if s.get("twin_noise_configs"):
         lines.append(f"run-to-run noise: where the planner's degrees are also a grid row, the two measurements of the "
                      f"same thing differ by {_pct(s['twin_noise_median'])} (median; max {_pct(s['twin_noise_max'])}, "

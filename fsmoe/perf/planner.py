@@ -223,6 +223,48 @@ def describe_layer(spec: ScheduleSpec, work: LayerWork, costs: Costs, *, block: 
                      gar_bytes=gar_bytes, gar_s=gar_s, r_star_fwd=a_f.r_star, r_star_bwd=a_b.r_star)
 
 
+def _played(spec: ScheduleSpec, work: LayerWork, costs: Costs, t_gar: float, t_gar_idle: float | None,
+            max_degree: int) -> tuple[LayerTable, list[float]]:
+    """The layer's table over every feasible pair and each pair's GAR slice inside its backward."""
+    table = layer_table(spec, work, costs, degree_pairs(spec, max_degree))
+    slices = [0.0] * len(table.pairs)
+    if spec.gar_in_moe:
+        slices = [t_gar if t_gar_idle is None else g.slice_s(t_gar_idle, t_gar) for g in table.bwd]
+    return table, slices
+
+
+@dataclass(kw_only=True, frozen=True)
+class LayerOption:
+    """One way to run a layer that :func:`plan_layer` weighs: degrees, the GAR inside the backward or
+    after it (``gar_after``), and the modelled forward + backward (+ the GAR after it)."""
+
+    r_fwd: int
+    r_bwd: int
+    gar_after: bool
+    predicted_s: float
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        return self.r_fwd, self.r_bwd
+
+
+def layer_options(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar: float = 0.0,
+                  t_gar_after: float | None = None, t_gar_idle: float | None = None,
+                  max_degree: int = MAX_DEGREE) -> list[LayerOption]:
+    """Every option :func:`plan_layer` weighs with the same arguments (the GAR after the backward only when
+    ``t_gar_after`` is given and the schedule has a GAR slot), fastest modelled first (ties: the
+    smaller pair, then the GAR inside). Without ``min_gain``: the ranking is the model's alone."""
+    spec = get_schedule(spec) if isinstance(spec, str) else spec
+    table, slices = _played(spec, work, costs, t_gar, t_gar_idle, max_degree)
+    options = [LayerOption(r_fwd=f, r_bwd=b, gar_after=False, predicted_s=table.total_s(k, slices[k]))
+               for k, (f, b) in enumerate(table.pairs)]
+    if spec.gar_in_moe and t_gar_after is not None:
+        options += [LayerOption(r_fwd=f, r_bwd=b, gar_after=True, predicted_s=table.total_s(k) + t_gar_after)
+                    for k, (f, b) in enumerate(table.pairs)]
+    order = {pair: k for k, pair in enumerate(table.pairs)}
+    return sorted(options, key=lambda o: (o.predicted_s, order[o.pair], o.gar_after))
+
+
 def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar: float = 0.0,
                t_gar_after: float | None = None, t_gar_idle: float | None = None, max_degree: int = MAX_DEGREE,
                block: int = 0, min_gain: float = 0.0) -> LayerPlan:
@@ -238,10 +280,7 @@ def plan_layer(spec: ScheduleSpec | str, work: LayerWork, costs: Costs, *, t_gar
     line); with ``t_gar_idle`` (alone) each pair gets the slice's rate-model duration beside its own
     compute (:meth:`~fsmoe.perf.model.GarResponse.slice_s`), else ``t_gar`` as it is."""
     spec = get_schedule(spec) if isinstance(spec, str) else spec
-    table = layer_table(spec, work, costs, degree_pairs(spec, max_degree))
-    slices = [0.0] * len(table.pairs)
-    if spec.gar_in_moe:
-        slices = [t_gar if t_gar_idle is None else g.slice_s(t_gar_idle, t_gar) for g in table.bwd]
+    table, slices = _played(spec, work, costs, t_gar, t_gar_idle, max_degree)
     k = min(range(len(table.pairs)), key=lambda i: (table.total_s(i, slices[i]), i))
     gar = slices[k]
     after = 0.0
@@ -456,5 +495,6 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
                    partition=chosen.method, solve_s=time.perf_counter() - start)
 
 
-__all__ = ["Algorithm1", "JobPlan", "LayerPlan", "LayerPrediction", "MAX_DEGREE", "algorithm1", "describe_layer",
-           "plan_job", "plan_layer", "predict_layer", "predict_schedule", "step_model"]
+__all__ = ["Algorithm1", "JobPlan", "LayerOption", "LayerPlan", "LayerPrediction", "MAX_DEGREE", "algorithm1",
+           "describe_layer", "layer_options", "plan_job", "plan_layer", "predict_layer", "predict_schedule",
+           "step_model"]

@@ -31,7 +31,8 @@ from fsmoe.cli import build_parser, job_from_args
 from fsmoe.config import JobConfig, layer_bench_recipe, load_toml
 from fsmoe.perf.costs import Costs
 from fsmoe.perf.model import layer_work
-from fsmoe.perf.planner import plan_layer
+from fsmoe.perf.planner import LayerOption, layer_options, plan_layer
+from fsmoe.perf.tune import tune_candidates
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -192,7 +193,8 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     payload = run_layer_bench(job)
     printed = capsys.readouterr().out
     assert "| implementation | median s | predicted s | error |" in printed and "Lower bound" in printed
-    assert "fsmoe auto: r_fwd=" in printed and "Model: median |error|" in printed
+    assert "fsmoe auto, the model's plan: r_fwd=" in printed and "Model: median |error|" in printed
+    assert "Measured check (" in printed
     data = json.loads((out / "layer.json").read_text())
     assert data == json.loads(json.dumps(payload))  # what was returned is what was written
     assert load_toml(out / "job.toml") == job  # the resolved job, round-tripped
@@ -206,7 +208,22 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     idle = costs.op("gar")(auto["gar_bytes"])
     want = plan_layer("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=auto["t_gar_s"],
                       t_gar_after=idle, t_gar_idle=idle, max_degree=job.plan.max_degree, min_gain=job.plan.min_gain)
-    assert (auto["r_fwd"], auto["r_bwd"], auto["gar_after"]) == (want.r_fwd, want.r_bwd, want.gar_after_s > 0)
+    plan = auto["plan"]
+    assert (plan["r_fwd"], plan["r_bwd"], plan["gar_after_s"] > 0) == (want.r_fwd, want.r_bwd, want.gar_after_s > 0)
+    # the measured check: the model's first pairs, timed; the row runs the fastest median
+    options = layer_options("fsmoe", layer_work(job, tokens=job.bench.tokens), costs, t_gar=auto["t_gar_s"],
+                            t_gar_after=idle, t_gar_idle=idle, max_degree=job.plan.max_degree)
+    chosen = LayerOption(r_fwd=want.r_fwd, r_bwd=want.r_bwd, gar_after=want.gar_after_s > 0, predicted_s=want.total_s)
+    timed = auto["tune"]["candidates"]
+    assert [(c["r_fwd"], c["r_bwd"], c["gar_after"]) for c in timed] == [
+        (o.r_fwd, o.r_bwd, o.gar_after) for o in tune_candidates(chosen, options, job.plan.tune)]
+    assert len(timed) >= 2 and auto["tune"]["rounds"] == job.plan.tune_rounds
+    assert auto["tune"]["model"] == timed[0]["name"] == ImplSpec("fsmoe", want.r_fwd, want.r_bwd,
+                                                                  gar_after=want.gar_after_s > 0).name
+    fastest = min(timed, key=lambda c: c["median_s"])
+    assert auto["tune"]["picked"] == fastest["name"]
+    assert (auto["r_fwd"], auto["r_bwd"], auto["gar_after"]) == (fastest["r_fwd"], fastest["r_bwd"],
+                                                                 fastest["gar_after"])
     assert auto["name"] in rows and rows[auto["name"]]["auto"] is True and auto["name"].startswith("fsmoe auto r=")
     where = "after the backward" if auto["gar_after"] else "inside the MoE backward"
     assert rows[auto["name"]]["note"] == f"GAR {where}"
@@ -217,6 +234,8 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
         assert r["predicted_s"] > 0 and r["predicted_error"] == pytest.approx(r["predicted_s"] / r["median_s"] - 1)
     assert data["model"]["rows"] == len(ours) and data["model"]["median_abs_error"] >= 0
     requested = [i.name for i in layer_impls(job)] + [auto["name"]]
+    if auto["tune"]["picked"] != auto["tune"]["model"]:  # the model's choice is timed beside the auto row
+        requested.append(auto["tune"]["model"])
     for name in requested:  # every implementation has a time, or (DeepSpeed only) a reason it did not run
         if name == DEEPSPEED and name in data["skipped"]:
             assert data["skipped"][name]

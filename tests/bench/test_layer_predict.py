@@ -101,6 +101,9 @@ def test_auto_row_goes_after_ours_and_before_deepspeed() -> None:
     rows = with_auto(impls, auto)
     assert rows[-1].family == DEEPSPEED and rows[-2] == auto and rows[:-2] == impls[:-1]
     assert with_auto(impls, None) == impls
+    model = ImplSpec("fsmoe", 1, 1, gar_after=True)  # the model's choice, when the measured check picked another
+    assert with_auto(impls, auto, model) == [*impls[:-1], model, auto, impls[-1]]
+    assert with_auto(impls, auto, impls[0]) == rows  # a row the table has already is not added twice
     assert ImplSpec("fsmoe", 2, 2, auto=True).name == "fsmoe auto r=2"
     with pytest.raises(ValueError, match="planned degrees"):
         ImplSpec("sequential", auto=True)

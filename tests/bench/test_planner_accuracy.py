@@ -22,6 +22,7 @@ from fsmoe.bench.planner import (
     case_job,
     heldout_noise,
     heldout_over_best,
+    model_record,
     noise_record,
     ratio_noise,
     run_planner_accuracy,
@@ -68,6 +69,10 @@ def test_one_tiny_case_on_two_loopback_ranks(tmp_path: Path) -> None:
     assert rec["auto_over_sequential"] == pytest.approx(by_name[auto["name"]]["median_s"] /
                                                         by_name["sequential"]["median_s"])
     assert rec["within_5pct"] == (rec["auto_over_best"] <= 1.05)
+    tune = auto["tune"]  # the measured check ran (the plan section's default)
+    assert rec["model_pick"] == tune["model"] and rec["tune_changed"] == (tune["picked"] != tune["model"])
+    timed = tune["model"] if rec["tune_changed"] else auto["name"]  # the model's choice, as a row of its own
+    assert rec["model_over_best"] == pytest.approx(by_name[timed]["median_s"] / min(r["median_s"] for r in fsmoe))
     assert rec["resolve_same_degrees"] is True and rec["solve_ms_alone"] > 0 and rec["solve_ms_rank"] > 0
     assert set(rec["probe_errors"]) == {"experts fwd+bwd", "gate+order fwd+bwd", "EP AlltoAll", "dense GAR"}
     s = result["summary"]
@@ -136,8 +141,28 @@ def test_verdict_and_the_noise_keys_of_a_record() -> None:
     assert one_round["auto_over_best_heldout"] is None and one_round["best_verdict"] == "met"
 
 
+def test_model_record_times_the_models_own_choice() -> None:
+    best = {"name": "fsmoe r=2", "median_s": 1.0, "samples_s": [1.0] * 4}
+    model = {"name": "fsmoe r=1 GAR after", "median_s": 1.2, "samples_s": [1.2] * 4}
+    auto = {"name": "fsmoe auto r=2", "median_s": 1.0, "samples_s": [1.0] * 4}
+    rows = {r["name"]: r for r in (best, model, auto)}
+    tuned = {"name": "fsmoe auto r=2", "tune": {"model": "fsmoe r=1 GAR after", "picked": "fsmoe r=2"}}
+    out = model_record(tuned, rows, list(rows.values()), best)
+    assert out["model_pick"] == "fsmoe r=1 GAR after" and out["tune_changed"] is True
+    assert out["model_over_best"] == pytest.approx(1.2) and out["model_over_best_heldout"] == pytest.approx(1.2)
+    kept = {"name": "fsmoe auto r=2", "tune": {"model": "fsmoe r=2", "picked": "fsmoe r=2"}}
+    out = model_record(kept, rows, list(rows.values()), best)  # kept: the auto row is the model's choice
+    assert out["tune_changed"] is False and out["model_over_best"] == pytest.approx(1.0)
+    untuned = model_record({"name": "fsmoe auto r=2", "tune": None}, rows, list(rows.values()), best)
+    assert untuned["model_pick"] == "fsmoe r=2" and untuned["tune_changed"] is None
+    assert model_record(None, rows, [], None)["model_pick"] is None
+
+
 def test_settings_keep_the_rows_the_targets_compare() -> None:
     assert case_job(DEFAULT_CASES[0], AccuracySettings(schedules=("sequential", "fsmoe"))).bench.schedules == (
         "sequential", "fsmoe")
+    tuned = case_job(DEFAULT_CASES[0], AccuracySettings(tune=1, tune_rounds=4))
+    assert (tuned.plan.tune, tuned.plan.tune_rounds) == (1, 4)
+    assert case_job(DEFAULT_CASES[0], AccuracySettings()).plan.tune == 3  # the plan section's default
     with pytest.raises(ValueError, match=r"lack \['sequential'\]"):
         AccuracySettings(schedules=("tutel", "fsmoe"))
