@@ -11,7 +11,8 @@ the layout ``parallel`` on ``cluster``. The rows (:func:`train_rows`): every sch
 ``fsmoe train`` trains (the trainer's model, gradient sync, optimizer and ``train_step``); with ``fsmoe``
 among them, the ``fsmoe auto`` row: ``fsmoe`` with no degrees, planned on the ranks exactly as ``fsmoe
 train`` plans it (:func:`fsmoe.train.trainer.plan_schedule`: the profile from the ``plan`` section's cache
-or profiled now, then per-layer degrees and the gradient plan), then trained like the others; and the
+or profiled now, then per-layer degrees and the gradient plan, checked by measurement against the other
+plans it weighed), then trained like the others; and the
 DeepSpeed-MoE twin when ``bench.deepspeed`` (:mod:`fsmoe.bench.deepspeed_peer`). DeepSpeed-MoE has no
 expert sharding (ESP): with ``esp > 1`` our rows run the requested EP × ESP layout, the DeepSpeed row
 runs the EP-only layout over the same ranks (EP = ep·esp, whole experts), and an extra row of each of
@@ -26,8 +27,9 @@ over the ranks. :func:`summarize_train` (pure):
 * ``median_s``: the median over the timed steps of the slowest rank's optimizer-step time (forward,
   backward, gradient sync, clipping, AdamW); ``tokens_per_s`` = B·L / ``median_s`` (global tokens).
 * ``predicted_s``: the planner's modelled step (:class:`fsmoe.perf.planner.JobPlan`): the auto row's
-  ``plan.step_s``, and for a row run exactly as the plan predicted another schedule (same layout, same
-  degrees in every layer) that prediction; ``predicted_error`` = predicted / median − 1. ``plans``: the
+  predicted step of the plan its measured check kept (:func:`fsmoe.train.trainer.check_plan`), and for a
+  row run exactly as the plan predicted another schedule (same layout, same degrees in every layer) that
+  prediction; ``predicted_error`` = predicted / median − 1. ``plans``: the
   auto rows' plans (``JobPlan.to_dict``) and the wall time of planning each (profile included).
 * ``deepspeed_over_this``: DeepSpeed's ``median_s`` / this row's (above 1: this row is faster).
   ``best_ours``: our fastest row on DeepSpeed's layout (the like-for-like one), and
@@ -188,12 +190,12 @@ def _ours(rjob: JobConfig, ctx: DistContext) -> tuple[nn.Module, GradSync | Plan
     return model, build_grad_sync(model, rjob, ctx)
 
 
-def _plan(rjob: JobConfig, ctx: DistContext) -> tuple[JobConfig, JobPlan | None]:
-    """The trainer's planning of a planned row (collective): the job with the plan's degrees and
-    gradient plan, and the plan. Rank 0's lines go to its log."""
+def _plan(rjob: JobConfig, ctx: DistContext, data_N: Tensor) -> tuple[JobConfig, JobPlan | None]:
+    """The trainer's planning of a planned row (collective), its measured check included: the job with
+    the plan's degrees and gradient plan, and the plan. Rank 0's lines go to its log."""
     from fsmoe.train.trainer import plan_schedule
 
-    return plan_schedule(rjob, ctx, print if ctx.rank == 0 else (lambda _: None))
+    return plan_schedule(rjob, ctx, print if ctx.rank == 0 else (lambda _: None), data_N)
 
 
 def _trainer_parts(model: nn.Module, rjob: JobConfig, data_N: Tensor,
@@ -268,7 +270,7 @@ def _build_run(job: JobConfig, row: TrainImpl, ctx: DistContext, data_N: Tensor,
     planned: dict[str, Any] | None = None
     if row.spec.auto:
         t0 = time.perf_counter()
-        rjob, plan = _plan(rjob, ctx)
+        rjob, plan = _plan(rjob, ctx, data_N)
         assert plan is not None  # a planned schedule on a distributed context always gets a plan
         # plan_schedule does not say whether its profile came from the cache: its whole wall time it is
         planned = {"plan": plan.to_dict(), "plan_wall_s": time.perf_counter() - t0}
@@ -390,7 +392,11 @@ def predicted_step(row: dict[str, Any], rows: Sequence[dict[str, Any]], plans: d
     auto row's plan on the same layout made for its schedule when that is exactly what the row ran (the
     schedule's default gradient plan, the row's degrees in every MoE layer); else None."""
     if row["name"] in plans:
-        return float(plans[row["name"]]["plan"]["step_s"])
+        plan = plans[row["name"]]["plan"]
+        check = plan.get("check")
+        if check:  # the measured check may run another of the plans weighed: that one's prediction
+            return float(next(c["predicted_s"] for c in check["candidates"] if c["label"] == check["picked"]))
+        return float(plan["step_s"])
     if row["family"] == DEEPSPEED:
         return None
     for other in rows:

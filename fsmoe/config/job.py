@@ -268,10 +268,10 @@ class PlanConfig:
     ``profile_cache`` (a rerun on the same topology and sizes reuses it; ``reprofile`` forces a new one),
     then pipeline degrees among the powers of two up to ``max_degree``; a plan that the model predicts
     less than ``min_gain`` faster than the plain one (r = 1, the Gradient-AllReduce after the backward)
-    gives way to the plain one, since the model's error between two plans is of that order. ``tune``
-    degree pairs the model ranks first are then timed on the ranks for ``tune_rounds`` interleaved
-    rounds before the layer benchmark's ``fsmoe auto`` row commits (:mod:`fsmoe.perf.tune`); 1: the
-    model's choice as it is."""
+    gives way to the plain one, since the model's error between two plans is of that order. Then the
+    measured check (:mod:`fsmoe.perf.tune`): ``tune`` candidates the model ranks first — a training job's
+    plan and the other plans weighed for it, a benchmarked layer's degree pairs — are timed on the ranks
+    for ``tune_rounds`` rounds each, and the fastest runs; 1: the model's choice as it is."""
 
     max_degree: int = opt(8, "largest pipeline degree the planner considers (a power of two)", parse=int)
     min_gain: float = opt(0.03, "smallest predicted gain over the plain plan (r = 1, GAR after the backward) "
@@ -279,9 +279,9 @@ class PlanConfig:
     profile_budget_s: float = opt(30.0, "seconds online profiling may take", flag="--profile-budget", parse=float)
     profile_cache: str = opt("~/.cache/fsmoe/profiles", "directory of cached profiles")
     reprofile: bool = opt(False, "profile again even when a cached profile matches", parse=parse_bool)
-    tune: int = opt(3, "degree pairs, the model's best first, timed on the ranks before the plan commits "
-                    "(1: the model's choice as it is)", parse=int)
-    tune_rounds: int = opt(8, "interleaved timed rounds per tuned candidate", parse=int)
+    tune: int = opt(3, "plans (a layer's degree pairs in the layer benchmark), the model's first, timed on the "
+                    "ranks before one is run (1: the model's choice as it is)", parse=int)
+    tune_rounds: int = opt(8, "timed rounds per candidate of that measured check", parse=int)
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_degree", "tune", "tune_rounds")

@@ -354,6 +354,10 @@ class JobPlan:
     gar_plan: str
     partition: str
     solve_s: float
+    # the other whole-step plans weighed (the planned partition, the plain plan, the trainer's default at each
+    # common degree): other degrees than the chosen ones first, each part fastest modelled first
+    alternatives: tuple[StepPrediction, ...] = ()
+    check: dict[str, Any] | None = None  # the measured check (fsmoe.train.trainer.check_plan), when it ran
 
     @property
     def degrees(self) -> tuple[tuple[int, int], ...]:
@@ -380,6 +384,8 @@ class JobPlan:
             "predictions": {p.schedule: p.to_dict() for p in self.predictions},
             "ready_bytes": dict(self.ready_bytes), "slot_bytes": dict(self.slot_bytes),
             "gar_plan": self.gar_plan, "partition": self.partition, "solve_s": self.solve_s,
+            "alternatives": [{**p.to_dict(), "gar_plan": plan_text(p.gradient_plan())} for p in self.alternatives],
+            "check": self.check,
         }
         json.dumps(data, allow_nan=False)  # raises on a non-finite number
         return data
@@ -402,6 +408,14 @@ class JobPlan:
             lines.append(f"{p.schedule:<15} {p.step_s * ms:>9.3f} {p.fwd_s * ms:>8.3f} {p.bwd_s * ms:>8.3f}  {deg}")
         launched = ", ".join(f"{s} {n / 1024:.1f} KiB" for s, n in self.slot_bytes if n > 0) or "nothing"
         lines.append(f"gradient plan ({self.partition}): {launched}")
+        if self.alternatives:
+            weighed = [(" ".join(f"{a}/{b}" for a, b in sorted(set(p.pairs))), p.step_s * ms, p.method.split(":")[0])
+                       for p in self.alternatives]
+            lines.append("also weighed: " + "; ".join(f"{deg} {t:.2f} ms ({how})" for deg, t, how in weighed))
+        if self.check:
+            timed = ", ".join(f"{c['label']} {c['median_s'] * ms:.1f} ms (predicted {c['predicted_s'] * ms:.1f})"
+                              for c in self.check["candidates"])
+            lines.append(f"measured check ({self.check['rounds']} steps each): {timed}; running {self.check['picked']}")
         return "\n".join(lines)
 
 
@@ -421,19 +435,28 @@ def step_model(spec: ScheduleSpec, job: JobConfig, work: LayerWork, costs: Costs
                      costs=costs, stream=stream)
 
 
-def predict_schedule(spec: ScheduleSpec, job: JobConfig, work: LayerWork, costs: Costs, layout: StreamLayout,
-                     stream: StreamBytes, *, max_degree: int = MAX_DEGREE,
-                     tables: dict[tuple[str, tuple], LayerTable] | None = None) -> StepPrediction:
-    """The modelled step of ``spec`` as the trainer runs it without a plan: the best common degree
-    (r_fwd = r_bwd for every layer, independent pairs allowed where the schedule allows them) and the
-    schedule's default gradient plan."""
+def default_steps(spec: ScheduleSpec, job: JobConfig, work: LayerWork, costs: Costs, layout: StreamLayout,
+                  stream: StreamBytes, *, max_degree: int = MAX_DEGREE,
+                  tables: dict[tuple[str, tuple], LayerTable] | None = None) -> list[StepPrediction]:
+    """The modelled step of ``spec`` as the trainer runs it without a plan, at each common degree
+    (r_fwd = r_bwd in every layer; smallest first) with the schedule's default gradient plan."""
     tables = {} if tables is None else tables
-    best: StepPrediction | None = None
+    out = []
     for pair in degree_pairs(spec, max_degree):
         if pair[0] != pair[1]:
             continue
         model = step_model(spec, job, work, costs, stream, pairs=(pair,), tables=tables)
-        pred = model.predict(model.run(fixed=model.fixed_plan(default_plan(model, layout))), method="default")
+        out.append(model.predict(model.run(fixed=model.fixed_plan(default_plan(model, layout))), method="default"))
+    return out
+
+
+def predict_schedule(spec: ScheduleSpec, job: JobConfig, work: LayerWork, costs: Costs, layout: StreamLayout,
+                     stream: StreamBytes, *, max_degree: int = MAX_DEGREE,
+                     tables: dict[tuple[str, tuple], LayerTable] | None = None) -> StepPrediction:
+    """The modelled step of ``spec`` as the trainer runs it without a plan: the best common degree
+    (:func:`default_steps`; the smaller on ties) and the schedule's default gradient plan."""
+    best: StepPrediction | None = None
+    for pred in default_steps(spec, job, work, costs, layout, stream, max_degree=max_degree, tables=tables):
         if best is None or pred.step_s < best.step_s * (1 - 1e-12):
             best = pred
     assert best is not None
@@ -457,6 +480,7 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
     stream = StreamBytes(layout, replica_sizes(job.parallel))
     tables: dict[tuple[str, tuple], LayerTable] = {}
     predictions = {}
+    weighed: dict[str, list[StepPrediction]] = {}
     for name, other in SCHEDULES.items():
         if other.independent_degrees:  # fsmoe, fsmoe_no_iio: per-layer degrees and a planned partition
             model = step_model(other, job, work, costs, stream, pairs=degree_pairs(other, max_degree), tables=tables)
@@ -468,6 +492,9 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
                                                   f", {100 * gain:.1f}% faster than {planned.method})")
             flat = step_model(other, job, work, costs, stream, pairs=((1, 1),), tables=tables)
             plain = flat.predict(flat.run(fixed=np.zeros((1, len(stream.slots)))))
+            weighed[name] = [planned, replace(plain, method="plain (r = 1, GAR after the backward)"),
+                             *default_steps(other, job, work, costs, layout, stream, max_degree=max_degree,
+                                            tables=tables)]
             gain = plain.step_s / planned.step_s - 1.0
             predictions[name] = planned if gain > min_gain else replace(
                 plain, method=f"plain (r = 1, GAR after the backward): the best plan ({planned.method}) was "
@@ -476,6 +503,11 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
             predictions[name] = predict_schedule(other, job, work, costs, layout, stream, max_degree=max_degree,
                                                  tables=tables)
     chosen = predictions[spec.name]
+    alternatives: list[StepPrediction] = []  # other degrees first (the model's errors move a degree together)
+    ranked = sorted(weighed.get(spec.name, ()), key=lambda p: p.step_s)
+    for p in [p for p in ranked if p.pairs != chosen.pairs] + [p for p in ranked if p.pairs == chosen.pairs]:
+        if all(_runs_differently(p, q) for q in (chosen, *alternatives)):
+            alternatives.append(p)
     moe_blocks = [i for i in range(job.model.n_layers) if job.model.is_moe_layer(i)]
     cache: dict = {}
     layers = tuple(
@@ -492,9 +524,14 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
     return JobPlan(schedule=spec.name, tokens=work.tokens, capacity_gate=work.capacity_gate, layers=layers,
                    predictions=tuple(predictions[n] for n in SCHEDULES), ready_bytes=tuple(ready),
                    slot_bytes=chosen.slot_bytes, gradient_plan=plan, gar_plan=plan_text(plan),
-                   partition=chosen.method, solve_s=time.perf_counter() - start)
+                   partition=chosen.method, solve_s=time.perf_counter() - start, alternatives=tuple(alternatives))
+
+
+def _runs_differently(a: StepPrediction, b: StepPrediction) -> bool:
+    """Whether two whole-step plans run differently: other degrees or another gradient plan."""
+    return a.pairs != b.pairs or a.gradient_plan() != b.gradient_plan()
 
 
 __all__ = ["Algorithm1", "JobPlan", "LayerOption", "LayerPlan", "LayerPrediction", "MAX_DEGREE", "algorithm1",
-           "describe_layer", "layer_options", "plan_job", "plan_layer", "predict_layer", "predict_schedule",
-           "step_model"]
+           "default_steps", "describe_layer", "layer_options", "plan_job", "plan_layer", "predict_layer",
+           "predict_schedule", "step_model"]

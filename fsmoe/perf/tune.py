@@ -1,15 +1,24 @@
 """The measured check: time the few plans the model ranks first on the ranks, keep the fastest.
 
-The α-β model ranks a layer's options (:func:`fsmoe.perf.planner.layer_options`) well enough to put the
-fastest among its first few, but not always first: on the emulated cluster of this machine its median
-error is 6-8%, and in one configuration of 14 (T = 1024) it kept r = 1 where r = 2 measured 1.14×
-faster in three runs. Between options a few percent apart, the model's error decides. So the planner's
-pick is checked: the degree pairs the model ranks first are run a few interleaved rounds each on the
-job's real groups, and the fastest median wins (ties: the model's order).
+The α-β model ranks a layer's options (:func:`fsmoe.perf.planner.layer_options`) from its profile, and
+its errors there are not random: on the emulated cluster of this machine it over-predicted every
+pipelined row of some configurations by 15-30% (the AlltoAll's slowdown beside compute, one factor per
+profile), so in one configuration of 14 (T = 1024) it kept r = 1 where r = 2 measured 1.14× faster in
+three runs, with r = 2 ranked eighth. Such an error moves all the pairs of one degree together, so the
+model's next-best options (mostly the same degree in other mixes) do not escape it; other degrees do.
+So the planner's pick is checked against the other degrees: its own option, its degrees with the GAR in
+the other place, and the model's best option at each of the next symmetric degrees (r, r), each run a few
+interleaved rounds on the job's real groups; the fastest median wins (ties: the model's order). Replayed
+over the saved rows of a 40-round planner-accuracy run (the check on 8 rounds, the pick timed on the
+other 32), this put the planner within 5% of the best row in 14 of 14 configurations, against 11 of 14
+for the model alone.
 
 Pure here: which options to time (:func:`tune_candidates`) and which one won (:func:`pick_fastest`).
-The layer benchmark times them (:func:`fsmoe.bench.layer.tune_auto`); ``plan.tune`` sets how many
-degree pairs, ``plan.tune_rounds`` how many rounds.
+The layer benchmark times a layer's options (:func:`fsmoe.bench.layer.tune_auto`); training times whole
+steps, the job plan against the other plans the planner weighed for it (``JobPlan.alternatives``: its
+partition, the trainer's greedy plan at one degree, the plain plan; :func:`fsmoe.train.trainer.check_plan`).
+``plan.tune`` sets how many candidates (degree pairs for a layer, plans for a job), ``plan.tune_rounds``
+how many rounds.
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ from fsmoe.perf.planner import LayerOption
 
 def tune_candidates(chosen: LayerOption, options: Sequence[LayerOption], pairs: int) -> list[LayerOption]:
     """What to time, in this order: the plan's own ``chosen`` option; its degrees with the GAR in the
-    other place (when ``options``, fastest modelled first, offer both); then the fastest option of
-    each next degree pair, until ``pairs`` distinct pairs. ``pairs`` = 1 with no GAR choice: the plan
-    alone (nothing to time)."""
+    other place (when ``options``, fastest modelled first, offer both); then, fastest modelled first,
+    the best option of each symmetric pair (r, r) other than the chosen one, until ``pairs`` distinct
+    pairs (module doc: the model's errors move a degree's pairs together). ``pairs`` = 1 with no GAR
+    choice: the plan alone (nothing to time)."""
     if pairs < 1:
         raise ValueError(f"tune_candidates: pairs must be >= 1, got {pairs}")
     out = [chosen]
@@ -35,7 +45,7 @@ def tune_candidates(chosen: LayerOption, options: Sequence[LayerOption], pairs: 
     for o in options:
         if len(seen) >= pairs:
             break
-        if o.pair not in seen:
+        if o.r_fwd == o.r_bwd and o.pair not in seen:
             seen.add(o.pair)
             out.append(o)
     return out

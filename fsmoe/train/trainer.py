@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ from fsmoe.train.distributed import (
     DistContext,
     clip_grads_,
     global_grad_norm,
+    keep_alive,
     rank_placement,
     setup,
     teardown,
@@ -291,8 +293,78 @@ def run_train(job: JobConfig) -> TrainResult:
         teardown()
 
 
-def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str], None] = print) -> tuple[
-        JobConfig, JobPlan | None]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_plan(job: JobConfig, plan: JobPlan, ctx: DistContext, data_N: Tensor,
+               echo: Callable[[str], None] = print) -> tuple[JobConfig, JobPlan]:
+    """The measured check of a job plan (:mod:`fsmoe.perf.tune`): the plan and the first ``plan.tune`` − 1
+    of its ``alternatives`` (the other whole-step plans the planner weighed, fastest modelled first),
+    each built as the trainer builds it and run for one untimed and ``plan.tune_rounds`` timed forward +
+    backward + gradient syncs on one batch drawn apart from the training stream (no optimizer step;
+    the slowest rank's time); the fastest median is kept (ties: the model's order). Collective.
+    Returns the job with that plan's degrees and gradient plan (a given ``schedule.gar_plan`` is kept),
+    and the plan with ``check`` set. The model's weights and the training data are untouched: every
+    candidate is a fresh model from ``run.seed``, as the trainer's own is."""
+    from fsmoe.perf.partition import StepPrediction, plan_text
+    from fsmoe.perf.tune import pick_fastest
+
+    def runs(p: StepPrediction) -> tuple[tuple[tuple[int, int], ...], str]:  # degrees, the gradient plan run
+        return p.pairs, job.schedule.gar_plan or plan_text(p.gradient_plan())
+
+    candidates: list[StepPrediction] = []
+    for p in (plan.prediction(plan.schedule), *plan.alternatives):  # a given gradient plan: degrees alone differ
+        if len(candidates) < job.plan.tune and all(runs(p) != runs(q) for q in candidates):
+            candidates.append(p)
+    labels = [f"{i + 1}: {_pairs_text(p.pairs)} GAR {runs(p)[1]}" for i, p in enumerate(candidates)]
+    x_BL, y_BL = (t.to(ctx.device) for t in RankBatches(data_N, job, job.run.seed + 1, ctx).sample())
+    samples: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    with keep_alive(ctx.heartbeat):
+        for label, pred in zip(labels, candidates, strict=True):
+            pairs, gar = runs(pred)
+            cjob = job.with_overrides({"schedule.layer_degrees": pairs, "schedule.gar_plan": gar})
+            model = build_model(cjob, ctx, device=ctx.device)
+            model.train()
+            sync = build_grad_sync(model, cjob, ctx)
+            times = torch.zeros(1 + job.plan.tune_rounds, dtype=torch.float64)
+            for i in range(len(times)):
+                dist.barrier()
+                start = time.perf_counter()
+                with autocast(job.run.dtype, ctx.device):
+                    out = model(x_BL, y_BL)
+                    assert out.loss is not None
+                    loss = out.loss + out.aux_loss
+                loss.backward()
+                sync.sync()
+                _synchronize(ctx.device)
+                times[i] = time.perf_counter() - start
+                model.zero_grad(set_to_none=True)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank's, the same on every rank
+            samples[label] = times[1:].tolist()
+            del model, sync
+    picked = pick_fastest(samples, labels)
+    best = candidates[labels.index(picked)]
+    medians = {label: statistics.median(v) for label, v in samples.items()}
+    check = {"rounds": job.plan.tune_rounds, "picked": picked, "model": labels[0], "wall_s": time.perf_counter() - t0,
+             "candidates": [{"label": label, "degrees": [list(d) for d in p.pairs], "method": p.method,
+                             "gar_plan": plan_text(p.gradient_plan()), "predicted_s": p.step_s,
+                             "median_s": medians[label]} for label, p in zip(labels, candidates, strict=True)]}
+    checked = dataclasses.replace(plan, check=check)
+    echo(checked.explain().splitlines()[-1])
+    pairs, gar = runs(best)
+    return job.with_overrides({"schedule.layer_degrees": pairs, "schedule.gar_plan": gar}), checked
+
+
+def _pairs_text(pairs: tuple[tuple[int, int], ...]) -> str:
+    """``r=2/4`` when every layer runs the same pair, else one pair per layer."""
+    return "r=" + (f"{pairs[0][0]}/{pairs[0][1]}" if len(set(pairs)) == 1 else " ".join(f"{a}/{b}" for a, b in pairs))
+
+
+def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str], None] = print,
+                  data_N: Tensor | None = None) -> tuple[JobConfig, JobPlan | None]:
     """FSMoE's adaptive core for a planned schedule (``schedule.planned``: fsmoe or fsmoe_no_iio given no
     degree): this job's costs — from the profile cache or profiled now on the job's own groups — then
     the plan (per-layer r_fwd, r_bwd and the gradient plan, :func:`fsmoe.perf.planner.plan_job`; a given
@@ -300,7 +372,8 @@ def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str],
     the job with the plan's decisions in ``schedule.layer_degrees`` / ``gar_plan`` (so its job.toml
     replays them without planning) and the plan. Collective when ``ctx`` is set: every rank gets the
     same costs (rank 0's) and so the same plan, which a hash exchange confirms. One process has nothing
-    to overlap: r = 1 everywhere, no plan."""
+    to overlap: r = 1 everywhere, no plan. With ``data_N`` (the training tokens) and ``plan.tune`` > 1,
+    the plan is checked by measurement first (:func:`check_plan`)."""
     if not job.schedule.planned:
         return job, None
     if ctx is None:
@@ -318,6 +391,8 @@ def plan_schedule(job: JobConfig, ctx: DistContext | None, echo: Callable[[str],
     planned = job.with_overrides({"schedule.layer_degrees": plan.degrees,
                                   "schedule.gar_plan": job.schedule.gar_plan or plan.gar_plan})
     config_hash_check(planned)  # every rank planned the same (same costs, deterministic solvers)
+    if data_N is not None and job.plan.tune > 1 and plan.alternatives:  # else nothing to weigh it against
+        planned, plan = check_plan(job, plan, ctx, data_N, echo)
     return planned, plan
 
 
@@ -369,7 +444,7 @@ def train(job: JobConfig, corpus: Corpus, ctx: DistContext | None, resume: Check
     the run directory."""
     main = ctx is None or ctx.is_main
     echo: Callable[[str], None] = print if main else (lambda _: None)
-    job, plan = plan_schedule(job, ctx, echo)
+    job, plan = plan_schedule(job, ctx, echo, corpus.train_N)
     cfg, m = job.train, job.model
     seq_len = m.seq_len
     out_dir = Path(job.run.out)

@@ -177,8 +177,12 @@ def test_quick_run_on_two_loopback_ranks(tmp_path: Path, capsys: pytest.CaptureF
     # the auto row: planned by the trainer's plan_schedule, its predicted step beside the measured one
     plan = data["plans"]["fsmoe auto"]["plan"]
     assert len(plan["degrees"]) == job.model.num_moe_layers and plan["schedule"] == "fsmoe"
-    assert rows["fsmoe auto"]["predicted_s"] == plan["step_s"] > 0
-    assert rows["fsmoe auto"]["predicted_error"] == pytest.approx(plan["step_s"] / rows["fsmoe auto"]["median_s"] - 1)
+    check = plan["check"]  # the measured check ran as in fsmoe train: the row runs the plan it kept
+    kept = next(c for c in check["candidates"] if c["label"] == check["picked"])
+    assert rows["fsmoe auto"]["predicted_s"] == kept["predicted_s"] > 0
+    auto = rows["fsmoe auto"]
+    assert auto["predicted_error"] == pytest.approx(kept["predicted_s"] / auto["median_s"] - 1)
+    assert rows["fsmoe auto"]["note"].startswith(f"planned r={' '.join(f'{a}/{b}' for a, b in kept['degrees'])};")
     assert rows["sequential"]["predicted_s"] == plan["predictions"]["sequential"]["step_s"]  # r = 1: what it ran
     assert data["plans"]["fsmoe auto"]["plan_wall_s"] > 0
 

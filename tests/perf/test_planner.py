@@ -440,6 +440,34 @@ def test_a_plan_within_min_gain_of_the_plain_one_gives_way_to_it() -> None:
     assert plain.step_s == pytest.approx(flat.run(fixed=np.zeros((1, len(stream.slots))))["step_s"][0], rel=1e-12)
 
 
+def test_a_job_plan_lists_the_other_plans_it_weighed() -> None:
+    """``alternatives``: the plans weighed for the planned schedule (its partition, the plain one, the
+    trainer's default at every common degree) that run differently from the chosen one and from each
+    other; those at other degrees first, each part fastest modelled first. The measured check times
+    the first of them. With the plain plan chosen (min_gain), the planned one is among them; with it not
+    chosen, the plain one is."""
+    job = small_job()
+    costs = COSTS["compute"]
+    for plan in (plan_job(job, costs), plan_job(job, costs, min_gain=0.99)):
+        chosen = plan.prediction("fsmoe")
+        runs = [(p.pairs, p.gradient_plan()) for p in (chosen, *plan.alternatives)]
+        assert len(set(runs)) == len(runs) >= 2
+        other = [p for p in plan.alternatives if p.pairs != chosen.pairs]
+        same = [p for p in plan.alternatives if p.pairs == chosen.pairs]
+        assert list(plan.alternatives) == other + same
+        for part in (other, same):
+            assert [p.step_s for p in part] == sorted(p.step_s for p in part)
+        common = {p.pairs for p in plan.alternatives} | {chosen.pairs}
+        assert all(((r, r),) * 2 in common for r in (1, 2, 4, 8))  # every common degree was weighed
+        assert json.loads(json.dumps(plan.to_dict()))["alternatives"][0]["degrees"] == [
+            list(d) for d in plan.alternatives[0].pairs]
+    planned, plain = plan_job(job, costs), plan_job(job, costs, min_gain=0.99)
+    assert ((1, 1), (1, 1)) in [p.pairs for p in planned.alternatives]
+    assert any(p.pairs == planned.degrees and p.gradient_plan() == planned.gradient_plan
+               for p in plain.alternatives)
+    assert plan_job(job, costs, schedule="tutel").alternatives == ()  # not planned: nothing weighed
+
+
 def test_plan_layer_min_gain() -> None:
     balanced = make_costs(a2a=L(1e-5, 1e-8), ag=L(1e-5, 1e-9), exp=L(1e-5, 2e-10))  # pipelining pays
     best = plan_layer("fsmoe", WORK, balanced, t_gar=1e-4, t_gar_after=1e-4)

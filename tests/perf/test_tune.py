@@ -45,16 +45,18 @@ def test_layer_options_keep_each_options_own_time() -> None:
 
 
 def test_tune_candidates_order() -> None:
-    options = [opt(2, 2, False, 1.0), opt(2, 2, True, 1.01), opt(1, 1, False, 1.02), opt(4, 2, True, 1.03),
-               opt(1, 1, True, 1.04), opt(4, 2, False, 1.05), opt(8, 8, False, 1.2)]
+    options = [opt(2, 4, False, 0.99), opt(2, 2, False, 1.0), opt(2, 2, True, 1.01), opt(1, 1, False, 1.02),
+               opt(4, 2, True, 1.03), opt(1, 1, True, 1.04), opt(4, 4, True, 1.05), opt(4, 4, False, 1.06),
+               opt(8, 8, False, 1.2)]
     plain = opt(1, 1, True, 1.04)  # the plan gave way to the plain option (min_gain)
     got = tune_candidates(plain, options, 3)
-    # the plan first, its pair with the GAR inside, then the best option of the next two pairs
-    assert got == [plain, opt(1, 1, False, 1.02), opt(2, 2, False, 1.0), opt(4, 2, True, 1.03)]
-    assert tune_candidates(options[0], options, 2) == [options[0], options[1], options[2]]
-    assert tune_candidates(options[0], options, 1) == [options[0], options[1]]
+    # the plan first, its pair with the GAR inside, then the best option of the next two symmetric pairs
+    # (2/4 and 4/2 are ranked higher, but a model that is wrong about r = 2 is wrong about them too)
+    assert got == [plain, opt(1, 1, False, 1.02), opt(2, 2, False, 1.0), opt(4, 4, True, 1.05)]
+    assert tune_candidates(options[0], options, 2) == [options[0], opt(2, 2, False, 1.0)]  # 2/4: no GAR choice
+    assert tune_candidates(options[1], options, 1) == [options[1], options[2]]
     assert tune_candidates(options[-1], options, 1) == [options[-1]]  # no GAR choice offered for 8/8
-    assert len({o.pair for o in tune_candidates(options[0], options, 10)}) == 4  # no more pairs than offered
+    assert len({o.pair for o in tune_candidates(options[0], options, 10)}) == 5  # 2/4 and the four (r, r)
     with pytest.raises(ValueError, match="pairs must be >= 1, got 0"):
         tune_candidates(options[0], options, 0)
 

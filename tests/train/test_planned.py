@@ -24,12 +24,24 @@ def test_planned_training_writes_its_plan_and_replays_it(tmp_path: Path, capfd: 
     plan = json.loads((out / "plan.json").read_text())
     job = load_toml(out / "job.toml")
     assert not job.schedule.planned and job.schedule.name == "fsmoe"
-    assert job.schedule.layer_degrees == tuple((layer["r_fwd"], layer["r_bwd"]) for layer in plan["layers"])
     assert len(plan["layers"]) == job.model.num_moe_layers
-    assert job.schedule.gar_plan == plan["gar_plan"]
+    # the measured check timed the model's plan first, then the other plans it weighed; the job runs the
+    # fastest of them
+    check = plan["check"]
+    first, *others = check["candidates"]
+    assert first["degrees"] == [[layer["r_fwd"], layer["r_bwd"]] for layer in plan["layers"]]
+    assert first["gar_plan"] == plan["gar_plan"] and first["predicted_s"] == plan["step_s"]
+    assert others and len(check["candidates"]) <= 3 and check["rounds"] == 8  # the plan section's defaults
+    assert [(c["degrees"], c["gar_plan"]) for c in others] == [
+        (a["degrees"], a["gar_plan"]) for a in plan["alternatives"][: len(others)]]
+    picked = next(c for c in check["candidates"] if c["label"] == check["picked"])
+    assert picked["median_s"] == min(c["median_s"] for c in check["candidates"])
+    assert job.schedule.layer_degrees == tuple(tuple(d) for d in picked["degrees"])
+    assert job.schedule.gar_plan == picked["gar_plan"]
     assert len(list(cache.glob("*.json"))) == 1  # profiled once, cached
     printed = capfd.readouterr().out  # the ranks' output (rank 0 prints)
     assert "plan for fsmoe" in printed and "bottleneck" in printed and "done: 2 steps" in printed
+    assert f"running {check['picked']}" in printed
 
     # the job file replays the plan: no planning, the same degrees and gradient plan
     again = tmp_path / "again"
@@ -43,7 +55,9 @@ def test_planned_training_writes_its_plan_and_replays_it(tmp_path: Path, capfd: 
     assert main(["train", *SMALL, "--schedule", "fsmoe", "--steps", "1", "--profile-cache", str(cache),
                  "--gar-plan", "dense:1=ready", "--out", str(given)]) == 0
     kept = load_toml(given / "job.toml").schedule
-    assert kept.gar_plan == "dense:1=ready" and kept.layer_degrees == job.schedule.layer_degrees
+    timed = json.loads((given / "plan.json").read_text())["check"]["candidates"]
+    assert kept.gar_plan == "dense:1=ready" and list(map(list, kept.layer_degrees)) in [c["degrees"] for c in timed]
+    assert len({json.dumps(c["degrees"]) for c in timed}) == len(timed)  # the same gradient plan: degrees differ
     assert "keeping the given --gar-plan 'dense:1=ready'" in capfd.readouterr().out
 
 
