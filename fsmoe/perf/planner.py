@@ -455,11 +455,15 @@ def predict_schedule(spec: ScheduleSpec, job: JobConfig, work: LayerWork, costs:
                      tables: dict[tuple[str, tuple], LayerTable] | None = None) -> StepPrediction:
     """The modelled step of ``spec`` as the trainer runs it without a plan: the best common degree
     (:func:`default_steps`; the smaller on ties) and the schedule's default gradient plan."""
-    best: StepPrediction | None = None
-    for pred in default_steps(spec, job, work, costs, layout, stream, max_degree=max_degree, tables=tables):
-        if best is None or pred.step_s < best.step_s * (1 - 1e-12):
+    return _fastest(default_steps(spec, job, work, costs, layout, stream, max_degree=max_degree, tables=tables))
+
+
+def _fastest(preds: list[StepPrediction]) -> StepPrediction:
+    """The fastest modelled step (the first on ties within rounding)."""
+    best = preds[0]
+    for pred in preds[1:]:
+        if pred.step_s < best.step_s * (1 - 1e-12):
             best = pred
-    assert best is not None
     return best
 
 
@@ -485,16 +489,15 @@ def plan_job(job: JobConfig, costs: Costs, *, tokens: int | None = None, schedul
         if other.independent_degrees:  # fsmoe, fsmoe_no_iio: per-layer degrees and a planned partition
             model = step_model(other, job, work, costs, stream, pairs=degree_pairs(other, max_degree), tables=tables)
             planned = partition(model, seed=seed)
-            default = predict_schedule(other, job, work, costs, layout, stream, max_degree=max_degree, tables=tables)
+            defaults = default_steps(other, job, work, costs, layout, stream, max_degree=max_degree, tables=tables)
+            default = _fastest(defaults)
             if default.step_s < planned.step_s:  # the trainer's greedy plan at one degree is a candidate too
                 gain = planned.step_s / default.step_s - 1.0
                 planned = replace(default, method=f"default (greedy at r = {default.pairs[0][0]}/{default.pairs[0][1]}"
                                                   f", {100 * gain:.1f}% faster than {planned.method})")
             flat = step_model(other, job, work, costs, stream, pairs=((1, 1),), tables=tables)
             plain = flat.predict(flat.run(fixed=np.zeros((1, len(stream.slots)))))
-            weighed[name] = [planned, replace(plain, method="plain (r = 1, GAR after the backward)"),
-                             *default_steps(other, job, work, costs, layout, stream, max_degree=max_degree,
-                                            tables=tables)]
+            weighed[name] = [planned, replace(plain, method="plain (r = 1, GAR after the backward)"), *defaults]
             gain = plain.step_s / planned.step_s - 1.0
             predictions[name] = planned if gain > min_gain else replace(
                 plain, method=f"plain (r = 1, GAR after the backward): the best plan ({planned.method}) was "
