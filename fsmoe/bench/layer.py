@@ -9,10 +9,10 @@ data-parallel, ``mp`` = 1) on ``cluster`` (emulated nodes of ``parallel.ppn`` ra
 ``cluster.link``); the rows every schedule in ``bench.schedules`` at every degree in ``bench.degrees``
 (``sequential`` once, unpipelined), plus the ``bench.mixed_degrees`` pairs for ``fsmoe``, and
 DeepSpeed-MoE when ``bench.deepspeed`` (:func:`layer_impls`); with ``fsmoe`` among the schedules, the
-``fsmoe auto`` row at the planner's degrees, after the measured check (:func:`tune_auto`: the model's first
-``plan.tune`` degree pairs timed for ``plan.tune_rounds`` rounds, the fastest kept; when it is not the
-model's choice, that choice is timed as a row of its own beside it). :func:`check_layer_job` refuses what
-this benchmark cannot run; :func:`quick_layer_job` is ``--quick``.
+``fsmoe auto`` row at the planner's degrees, after the measured check (:func:`tune_auto`: the model's pair
+and the next symmetric degrees, ``plan.tune`` pairs, timed for ``plan.tune_rounds`` rounds, the fastest
+kept; when it is not the model's choice, that choice is timed as a row of its own beside it).
+:func:`check_layer_job` refuses what this benchmark cannot run; :func:`quick_layer_job` is ``--quick``.
 
 :func:`run_layer_bench` runs :func:`layer_bench_rank` on every rank (:mod:`fsmoe.bench.harness`). One
 rank builds the groups (two channels), loads or profiles the job's costs and plans the ``fsmoe auto``
@@ -113,9 +113,10 @@ def _trace(step: Step, rank: int, job: JobConfig, costs: Costs) -> list[TraceEve
 
 def tune_auto(auto: AutoPlan, job: JobConfig, costs: Costs, work: LayerWorkload, rank: int,
               echo: Callable[[str], None] = print) -> AutoPlan:
-    """The measured check of the ``fsmoe auto`` row (:mod:`fsmoe.perf.tune`): the model's first
-    ``plan.tune`` degree pairs (and the plan's degrees with the GAR in its other place), one warm-up and
-    ``plan.tune_rounds`` interleaved rounds each on this layer, the fastest median kept. Collective;
+    """The measured check of the ``fsmoe auto`` row (:mod:`fsmoe.perf.tune`): the candidates of
+    :func:`~fsmoe.perf.tune.tune_candidates` (the plan, its degrees with the GAR in the other place, the
+    next symmetric degrees; ``plan.tune`` pairs), one warm-up and ``plan.tune_rounds`` interleaved rounds
+    each on this layer, the fastest median kept. Collective;
     every rank picks the same (the slowest rank's times). ``tune`` of the returned plan: what was timed."""
     t0 = time.perf_counter()
     chosen = auto.option

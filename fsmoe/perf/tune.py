@@ -10,13 +10,14 @@ So the planner's pick is checked against the other degrees: its own option, its 
 the other place, and the model's best option at each of the next symmetric degrees (r, r), each run a few
 interleaved rounds on the job's real groups; the fastest median wins (ties: the model's order). Replayed
 over the saved rows of a 40-round planner-accuracy run (the check on 8 rounds, the pick timed on the
-other 32), this put the planner within 5% of the best row in 14 of 14 configurations, against 11 of 14
-for the model alone.
+other 32), this put the planner within 5% of the best row in 14 of 14 configurations, against 12 of 14
+(held-out) for the model alone in that run.
 
 Pure here: which options to time (:func:`tune_candidates`) and which one won (:func:`pick_fastest`).
 The layer benchmark times a layer's options (:func:`fsmoe.bench.layer.tune_auto`); training times whole
 steps, the job plan against the other plans the planner weighed for it (``JobPlan.alternatives``: its
-partition, the trainer's greedy plan at one degree, the plain plan; :func:`fsmoe.train.trainer.check_plan`).
+partition, the plain plan, the trainer's default plan at each common degree; other degrees first;
+:func:`fsmoe.train.trainer.check_plan`).
 ``plan.tune`` sets how many candidates (degree pairs for a layer, plans for a job), ``plan.tune_rounds``
 how many rounds.
 """
