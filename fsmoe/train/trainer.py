@@ -321,7 +321,8 @@ def check_plan(job: JobConfig, plan: JobPlan, ctx: DistContext, data_N: Tensor,
     for p in (plan.prediction(plan.schedule), *plan.alternatives):  # a given gradient plan: degrees alone differ
         if len(candidates) < job.plan.tune and all(runs(p) != runs(q) for q in candidates):
             candidates.append(p)
-    labels = [f"{i + 1}: {_pairs_text(p.pairs)} GAR {runs(p)[1]}" for i, p in enumerate(candidates)]
+    # short names (the gradient plans, which grow with the model, are in the record beside them)
+    labels = [f"{i + 1}: {_pairs_text(p.pairs)} {p.method.split(' (')[0] or 'plan'}" for i, p in enumerate(candidates)]
     batch = RankBatches(data_N, job, job.run.seed + 1, ctx).sample()
     echo(f"measured check: {len(candidates)} plans x {1 + job.plan.tune_rounds} training steps, interleaved "
          "(--tune 1 skips it)")
